@@ -1,0 +1,18 @@
+-- Add a dead letter and acknowledge the entry it replaces, atomically, and trim
+-- dead letters older than the retention (approximately, by MINID).
+-- KEYS[1] dead-letter stream   KEYS[2] stream the entry came from ('' if none)
+-- ARGV[1] group   ARGV[2] entry id   ARGV[3] retention in ms
+-- ARGV[4..] field, value pairs of the dead letter
+-- Returns the dead letter's id.
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local cutoff = math.max(0, now_ms - tonumber(ARGV[3]))
+local fields = {}
+for i = 4, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+local id = redis.call('XADD', KEYS[1], 'MINID', '~', cutoff, '*', unpack(fields))
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+end
+return id
