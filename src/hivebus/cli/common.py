@@ -1,0 +1,144 @@
+"""The ``hivebus`` command line.
+
+Every option can also be set by an environment variable named in its help
+(``HIVEBUS_REDIS_URL`` and so on). Exit codes are the constants below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from hivebus import __version__
+from hivebus.bus import Bus
+from hivebus.config import Settings
+from hivebus.errors import HivebusError
+from hivebus.events import Event
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the command failed: bad input, a missing id, Redis unreachable
+EXIT_USAGE = 2  # the command line itself is wrong (typer's own code)
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C, as shells report SIGINT
+
+app = typer.Typer(
+    name="hivebus",
+    help="An event bus on Redis for teams of services and AI agents.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,  # locals may hold passwords and tokens
+)
+events_app = typer.Typer(help="Read stored events.", no_args_is_help=True)
+dlq_app = typer.Typer(
+    help="Inspect, replay and purge dead letters.", no_args_is_help=True
+)
+app.add_typer(events_app, name="events")
+app.add_typer(dlq_app, name="dlq")
+
+console = Console()
+errors = Console(stderr=True)
+
+RedisOption = Annotated[
+    str,
+    typer.Option(
+        "--redis",
+        envvar="HIVEBUS_REDIS_URL",
+        help="Redis URL: redis://, rediss:// (TLS) or memory:// (in-process).",
+    ),
+]
+PrefixOption = Annotated[
+    str,
+    typer.Option(
+        "--prefix", envvar="HIVEBUS_PREFIX", help="Namespace put in front of every key."
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON instead of a table.")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"hivebus {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, help="Log more: -v for INFO, -vv for DEBUG."
+        ),
+    ] = 0,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Set up logging for every command."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=level,
+        format="%(name)s %(message)s",
+        handlers=[RichHandler(console=errors, show_path=False)],
+    )
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine, turning hivebus errors into a message and exit code 1."""
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except HivebusError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def make_bus(redis: str, prefix: str, **overrides: Any) -> Bus:
+    """Build a bus from the common options."""
+    try:
+        settings = Settings(redis_url=redis, prefix=prefix, **overrides)
+    except ValueError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    return Bus(settings=settings)
+
+
+def print_event(event: Event[Any], as_json: bool) -> None:
+    """Print one event as a JSON line or a readable block."""
+    if as_json:
+        print(event.model_dump_json(exclude_none=True), flush=True)
+        return
+    console.print(
+        f"[bold]{event.type}[/bold] id={event.id} source={event.source} "
+        f"time={event.time.isoformat()}",
+        highlight=False,
+    )
+    console.print_json(json.dumps(event.model_dump(mode="json")["data"]))
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds in ``30s``, ``15m``, ``12h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.replace(".", "", 1).isdigit():
+        errors.print(
+            f"error: invalid duration {text!r}: use a number and a unit, as in 30s, "
+            "15m, 12h or 7d",
+            markup=False,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    return float(number) * units[unit]
