@@ -76,7 +76,7 @@ async def tour(url: str, console: Console) -> dict[str, Any]:
         )
         await asyncio.wait_for(everything_done.wait(), timeout=30)
         stored = await bus.get_event(dead.event_id)
-        await _cleanup(bus)
+    await _cleanup(bus)
     table = Table("order", "handled on attempt")
     for order_id, attempt in handled:
         table.add_row(order_id, str(attempt))
@@ -95,6 +95,11 @@ async def _wait_for_dead_letter(bus: Bus) -> Any:
 
 
 async def _cleanup(bus: Bus) -> None:
-    keys = [key async for key in bus.client.scan_iter(f"{bus.keys.prefix}:*")]
-    if keys:
-        await bus.client.delete(*keys)
+    """Delete the tour's keys, after the consumers have stopped."""
+    await bus.connect()
+    try:
+        keys = [key async for key in bus.client.scan_iter(bus.keys.everything)]
+        if keys:
+            await bus.client.delete(*keys)
+    finally:
+        await bus.stop()

@@ -18,10 +18,15 @@ anything the library raises on purpose::
     ├── BreakerOpenError            a circuit breaker rejects the call
     ├── RequestTimeoutError         no reply arrived before the deadline
     ├── RemoteError                 the responder raised
-    └── ContextError                a context operation failed
-        ├── ContextNotFoundError    no context (or version) has that id
-        ├── ContextConflictError    an update was made from a stale version
-        └── ContextValidationError  an update or event fails the context's rules
+    ├── ContextError                a context operation failed
+    │   ├── ContextNotFoundError    no context (or version) has that id
+    │   ├── ContextConflictError    an update was made from a stale version
+    │   └── ContextValidationError  an update or event fails the context's rules
+    ├── BrainError                  a model gave no usable answer
+    │   ├── BrainReplyError         replies kept failing the requested model
+    │   └── BrainServerError        the model server refused or kept failing
+    └── TaskError                   a team task operation failed
+        └── TaskNotFoundError       no task has that id
 
 The handler signals are not failures. A handler raises them to steer what
 happens to the entry it is handling:
@@ -130,6 +135,26 @@ class ContextConflictError(ContextError):
 
 class ContextValidationError(ContextError):
     """An update, or an event's use of a context, breaks the context's rules."""
+
+
+class BrainError(HivebusError):
+    """A brain gave no usable answer within its attempts, timeouts and breaker."""
+
+
+class BrainReplyError(BrainError):
+    """The model's replies kept failing to parse or to fit the requested model."""
+
+
+class BrainServerError(BrainError):
+    """The model server refused the request (quota, bad parameter) or kept failing."""
+
+
+class TaskError(HivebusError):
+    """A team task operation failed."""
+
+
+class TaskNotFoundError(TaskError):
+    """No task has the id."""
 
 
 class RetryLater(Exception):

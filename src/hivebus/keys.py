@@ -114,6 +114,11 @@ class Keys:
         return f"{self.prefix}:{{{channel}}}:once:{key}"
 
     @property
+    def everything(self) -> str:
+        """SCAN pattern that matches every key of this prefix."""
+        return f"{self.prefix}:*"
+
+    @property
     def channels(self) -> str:
         """Set of durable channel names, for tools that walk every channel."""
         return f"{self.prefix}:channels"

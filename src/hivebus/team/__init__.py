@@ -1,0 +1,1 @@
+"""The agent team: a master and four roles that work a task through the bus."""
