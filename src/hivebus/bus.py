@@ -15,7 +15,13 @@ from hivebus._tasks import TaskSet
 from hivebus.breaker import BreakerConfig, CircuitBreaker, State
 from hivebus.broadcast import BroadcastListener
 from hivebus.config import Settings, redact_url
-from hivebus.connection import Redis, check_server, connect, process_id
+from hivebus.connection import (
+    Redis,
+    check_server,
+    connect,
+    process_id,
+    retry_transient,
+)
 from hivebus.consumer import DurableConsumer
 from hivebus.dlq import BROADCAST_SUBSCRIPTION_PREFIX, DeadLetterQueue, Failure
 from hivebus.errors import ConfigError, EventNotFoundError, InvalidEventError
@@ -122,7 +128,15 @@ class Bus:
             return
         name = f"hivebus:{self.settings.service}:{self.process_id}"
         client = connect(self.settings, client_name=name)
-        await check_server(client, self.settings)
+        try:
+            await retry_transient(
+                lambda: check_server(client, self.settings),
+                deadline=self.settings.publish_timeout,
+                what=f"connecting to {redact_url(self.settings.redis_url)}",
+            )
+        except BaseException:
+            await client.aclose()
+            raise
         self._client = client
         self._scripts = Scripts(client)
         self._dlq = DeadLetterQueue(
