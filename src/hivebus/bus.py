@@ -10,10 +10,10 @@ from typing import Any, Self, TypeVar, cast
 
 from pydantic import BaseModel
 
-from hivebus import codec
+from hivebus import codec, metrics, tracing
 from hivebus._tasks import TaskSet
 from hivebus.breaker import BreakerConfig, CircuitBreaker, State
-from hivebus.broadcast import BroadcastListener
+from hivebus.broadcast import BroadcastListener, Tap
 from hivebus.config import Settings, redact_url
 from hivebus.connection import (
     Redis,
@@ -29,6 +29,7 @@ from hivebus.events import Event, EventTypes
 from hivebus.keys import Keys, check_channel, check_name, check_pattern
 from hivebus.publisher import Outgoing, Publisher, PublishResult
 from hivebus.retry import RetryPolicy
+from hivebus.rpc import DEFAULT_TIMEOUT, ContextRef, Requester, Responders
 from hivebus.scripts import Scripts
 from hivebus.subscription import Handler, Subscription, takes_delivery
 
@@ -87,6 +88,8 @@ class Bus:
         self._dlq: DeadLetterQueue | None = None
         self._started = False
         self._unobserved_earlier = 0
+        self._requester = Requester(self)
+        self._responders = Responders(self)
 
     def __repr__(self) -> str:
         return (
@@ -174,17 +177,20 @@ class Bus:
 
     async def stop(self, *, drain_timeout: float = 30.0) -> None:
         """Stop consuming, finish or release in-flight work, flush and disconnect."""
+        await self._requester.close()
         for consumer in self._consumers:
-            consumer.stop()
+            consumer.stop(drain_timeout=drain_timeout)
         if self._listener is not None:
             self._listener.stop()
         await self._tasks.wait()
+        await self._responders.close()
         self._consumers.clear()
         self._listener = None
         self._started = False
         if self._publisher is not None:
             await self._publisher.close()
             self._unobserved_earlier += self._publisher.unobserved_total
+        await metrics.close(self._client)
         for client in (self._reader, self._client):
             if client is not None:
                 await client.aclose()
@@ -297,12 +303,44 @@ class Bus:
             self._consumers.append(consumer)
             self._tasks.spawn(consumer.run(), name=f"hivebus-consumer-{sub.name}")
             return
+        self._broadcast_listener().add(sub)
+
+    def _broadcast_listener(self) -> BroadcastListener:
+        """Return the bus's Pub/Sub listener, starting it on first use."""
         if self._listener is None:
             self._listener = BroadcastListener(self.client, self.keys, self._dispatch)
-            self._listener.add(sub)
             self._tasks.spawn(self._listener.run(), name="hivebus-broadcast")
-        else:
-            self._listener.add(sub)
+        return self._listener
+
+    def listen(
+        self, channel: str, *, raw: bool = False, timeout: float | None = None
+    ) -> Tap:
+        """Subscribe to a broadcast channel or pattern for one ``async with`` block.
+
+        ``async with bus.listen("status.*") as events:`` subscribes before the
+        block runs, and ``async for event in events`` reads what arrives. It
+        shares the bus's one Pub/Sub connection. ``timeout`` is the number of
+        seconds to wait for the subscription while Redis is unreachable
+        (default: `publish_timeout`); then it raises RedisUnavailableError.
+        """
+        check_pattern(channel)
+
+        async def open_listener() -> BroadcastListener:
+            await self.connect()
+            return self._broadcast_listener()
+
+        def decode(body: bytes) -> Event[Any]:
+            return codec.decode(
+                body, self.types, self.settings.max_event_bytes, raw=raw
+            )
+
+        return Tap(
+            open_listener,
+            self.keys.broadcast(channel),
+            is_pattern="*" in channel or "?" in channel,
+            decode=decode,
+            timeout=self.settings.publish_timeout if timeout is None else timeout,
+        )
 
     def _make_consumer(self, sub: Subscription) -> DurableConsumer:
         breaker = None
@@ -358,7 +396,11 @@ class Bus:
         if sub.types is not None and event.type not in sub.types:
             return
         try:
-            async with asyncio.timeout(sub.handler_timeout):
+            async with (
+                tracing.handler_span(event, sub),
+                metrics.handler_timer(self.client, self.keys, sub.name, event.type),
+                asyncio.timeout(sub.handler_timeout),
+            ):
                 await sub.handler(event)
         except Exception:
             logger.exception(
@@ -437,7 +479,7 @@ class Bus:
                 contextid=context_id,
                 contextversion=context_version,
                 replyto=reply_to,
-                traceparent=traceparent,
+                traceparent=traceparent or tracing.current_traceparent(),
                 **extra,
             )
         except ValueError as exc:
@@ -480,14 +522,17 @@ class Bus:
             publisher = self._publisher
         assert publisher is not None
         loop = asyncio.get_running_loop()
-        outgoing = []
+        outgoing, event_types = [], []
         for item in items:
             event = item if isinstance(item, Event) else self.event(item, **attributes)
+            event_types.append(event.type)
             body = codec.encode(event, self.settings.max_event_bytes)
             outgoing.append(
                 Outgoing(event.id, channel, body, durable, loop.create_future())
             )
-        return await publisher.send(outgoing)
+        results = await publisher.send(outgoing)
+        metrics.published(self.client, self.keys, event_types)
+        return results
 
     async def get_event(self, event_id: str) -> Event[Any]:
         """Return a stored event by id, with its data as plain JSON values."""
@@ -500,6 +545,50 @@ class Bus:
             )
             raise EventNotFoundError(msg)
         return codec.decode_envelope(body, self.settings.max_event_bytes)
+
+    # -- request and response --------------------------------------------
+
+    @property
+    def requester(self) -> Requester:
+        """This process's requests: ``pending``, ``late_replies``, ``timeouts``."""
+        return self._requester
+
+    @property
+    def responders(self) -> Responders:
+        """This bus's responders and their ``stats``."""
+        return self._responders
+
+    async def request(
+        self,
+        service: str,
+        type: str,
+        data: BaseModel | Any,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        context: ContextRef | None = None,
+        response_model: type[BaseModel] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """Send a request to ``service`` and return its response payload.
+
+        See ``Requester.request`` for the arguments and errors.
+        """
+        return await self._requester.request(
+            service,
+            type,
+            data,
+            timeout=timeout,
+            context=context,
+            response_model=response_model,
+            raw=raw,
+        )
+
+    def responder(self, type: str, **options: Any) -> Callable[[HandlerT], HandlerT]:
+        """Register an async function that answers requests of ``type``.
+
+        See ``Responders.register`` for the options.
+        """
+        return self._responders.register(type, **options)
 
     # -- breakers and health ---------------------------------------------
 
@@ -527,8 +616,10 @@ class Bus:
         parts = {c.sub.name: c.health for c in self._consumers}
         if self._listener is not None:
             parts["broadcast"] = self._listener.health
+        if self._publisher is not None:
+            parts["publisher"] = self._publisher.health
         states = set(parts.values())
-        status = "degraded" if "degraded" in states else "healthy"
+        status = "degraded" if states & {"degraded", "failed"} else "healthy"
         if not self._started:
             status = "stopped"
         elif "starting" in states:

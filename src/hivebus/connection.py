@@ -17,6 +17,7 @@ from hivebus.config import Settings, redact_url
 from hivebus.errors import (
     ConfigError,
     ConsumerGroupMissingError,
+    HivebusError,
     RedisUnavailableError,
 )
 
@@ -36,6 +37,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _memory_servers: dict[str, Any] = {}
+
+# A caller that waits for Redis tries again at least once a second, so it
+# goes on soon after the server is back. A refused connection costs little.
+RETRY_BASE = 0.1
+RETRY_CAP = 1.0
 
 MIN_SERVER_VERSION = (7, 0)
 SAFE_EVICTION_POLICY = "noeviction"
@@ -101,16 +107,30 @@ def is_nogroup(exc: BaseException) -> bool:
     )
 
 
-def translate(exc: BaseException, what: str) -> Exception:
-    """Map a redis-py exception to the hivebus error that explains it."""
+def translate(exc: BaseException, what: str) -> HivebusError:
+    """Map a redis-py exception to the hivebus error that explains it.
+
+    The caller chains the original with ``raise ... from exc``, or sets
+    ``__cause__`` when it hands the error to a future.
+    """
     if is_nogroup(exc):
         return ConsumerGroupMissingError(
             f"{what}: the stream or consumer group no longer exists ({exc}); "
             "hivebus recreates it, or restart the consumer"
         )
     if isinstance(exc, TRANSIENT_ERRORS):
-        return RedisUnavailableError(f"{what}: Redis is unreachable ({exc})")
-    return RedisUnavailableError(f"{what}: Redis returned an error ({exc})")
+        return RedisUnavailableError(
+            f"{what}: Redis is unreachable ({exc}); check that the server is up "
+            "and that `redis_url` names it"
+        )
+    text = str(exc)
+    if text.startswith("OOM"):
+        hint = "raise Redis's `maxmemory`, free memory, or shorten `event_ttl`"
+    elif text.startswith(("NOPERM", "NOAUTH", "WRONGPASS")):
+        hint = "give the Redis user access to the hivebus keys and commands"
+    else:
+        hint = "see the Redis server log"
+    return RedisUnavailableError(f"{what}: Redis returned an error ({exc}); {hint}")
 
 
 class Backoff:
@@ -133,23 +153,35 @@ class Backoff:
 
 
 async def retry_transient(
-    operation: Callable[[], Awaitable[T]], *, deadline: float, what: str
+    operation: Callable[[], Awaitable[T]],
+    *,
+    deadline: float,
+    what: str,
+    elapsed: float = 0.0,
 ) -> T:
-    """Run ``operation``, retrying connection failures until ``deadline`` seconds."""
+    """Run ``operation``, retrying connection failures for ``deadline`` seconds.
+
+    ``elapsed`` is time already spent waiting, for example in a queue, and counts
+    against the deadline. The operation runs at least once, and a last time
+    at the deadline. One run can overrun the deadline by up to the socket
+    timeout. An operation that failed on a timeout may have been applied, so
+    a retry can apply it twice.
+    """
     loop = asyncio.get_running_loop()
-    give_up_at = loop.time() + deadline
-    backoff = Backoff()
+    give_up_at = loop.time() + deadline - elapsed
+    backoff = Backoff(base=RETRY_BASE, cap=RETRY_CAP)
     while True:
         try:
             return await operation()
         except TRANSIENT_ERRORS as exc:
-            delay = backoff.next_delay()
-            if loop.time() + delay >= give_up_at:
+            remaining = give_up_at - loop.time()
+            if remaining <= 0:
                 msg = (
                     f"{what} failed: Redis stayed unreachable for {deadline:.1f}s "
                     f"({exc}); check that the server is up, or raise `publish_timeout`"
                 )
                 raise RedisUnavailableError(msg) from exc
+            delay = min(backoff.next_delay(), remaining)
             logger.warning(
                 "redis unreachable, retrying what=%s attempt=%d delay=%.2fs error=%s",
                 what,

@@ -1,10 +1,20 @@
 """Durable delivery: one consumer-group reader per subscription and process.
 
 The consume loop reads new entries and due retries, runs handlers under a
-concurrency limit, and acks an entry only after its handler returns. Between
-reads it does the upkeep that keeps delivery at least once: it refreshes the
-lease on entries it is still handling, claims entries that a dead consumer
-left pending, moves due retries back, and trims the stream by age.
+concurrency limit, and acks an entry only after its handler returns (see
+``hivebus.handling``). A lease keeper task refreshes the idle time of every
+entry in flight, so a live consumer keeps its entries however long their
+handlers run. Between reads the loop moves due retries back, trims the
+streams by age, and takes over entries that a dead consumer left pending.
+
+An entry taken over from a dead consumer is a suspect: it may be the one
+that killed that consumer. A suspect runs alone. The loop stops reading,
+lets the handlers in flight finish, claims one suspect and runs it with
+nothing beside it, so a process-killing event takes no healthy entry down
+with it and cannot burn the delivery count of its neighbours. Suspects go
+lowest delivery count first, so fresh victims of a crash run before the
+entry that keeps crashing. The cost is throughput while suspects wait, and
+only right after a crash.
 """
 
 from __future__ import annotations
@@ -12,61 +22,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as redis_errors
 
-from hivebus import codec
-from hivebus.breaker import CircuitBreaker, Permit
+from hivebus.breaker import CircuitBreaker
 from hivebus.connection import TRANSIENT_ERRORS, Backoff, Redis, is_nogroup
-from hivebus.dlq import DeadLetterQueue, Failure
-from hivebus.errors import InvalidEventError, RetryLater
-from hivebus.events import Event, EventTypes
+from hivebus.dlq import DeadLetterQueue
+from hivebus.events import EventTypes
+from hivebus.handling import (
+    ConsumerStats,
+    DeadLetterHook,
+    Entry,
+    EntryHandler,
+    HandlerContext,
+)
 from hivebus.keys import Keys
+from hivebus.pending import PendingEntries
 from hivebus.scripts import Scripts
-from hivebus.subscription import Delivery, Subscription
+from hivebus.subscription import Subscription
 
 logger = logging.getLogger(__name__)
 
-BLOCK_MS = 500  # longest wait for new entries; also bounds how late a due retry starts
+BLOCK_MS = 500  # maximum wait for new entries, so also how late a due retry starts
 TRIM_INTERVAL = 30.0  # seconds between age trims of the stream
 HALF_OPEN_POLL = 0.2  # seconds between breaker checks while another probe runs
+# An unexpected error in the consume loop (a bug, or a reply hivebus does not
+# expect) is logged with its traceback, and the loop goes on after this pause.
+# A recurring error then costs one log line a second instead of a hot loop.
+ERROR_PAUSE = 1.0
 
-DeadLetterHook = Callable[
-    [Subscription, Event[Any] | None, Failure, str], Awaitable[None]
-]
-
-
-@dataclass(slots=True)
-class ConsumerStats:
-    """Counters of one consumer since it started."""
-
-    handled: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    claimed: int = 0
-    reconnects: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stream entry as read, with how often Redis has delivered it."""
-
-    stream: str
-    id: str
-    fields: dict[bytes, bytes]
-    delivery_count: int = 1
-
-
-@dataclass(slots=True)
-class _Timers:
-    heartbeat: float = 0.0
-    claim: float = 0.0
-    trim: float = 0.0
-    claim_cursor: dict[str, str] = field(default_factory=dict)
+__all__ = ["ConsumerStats", "DurableConsumer", "Entry"]
 
 
 class DurableConsumer:
@@ -88,38 +74,83 @@ class DurableConsumer:
         stream_retention: float,
         breaker: CircuitBreaker | None = None,
         on_dead_letter: DeadLetterHook | None = None,
+        trim_interval: float = TRIM_INTERVAL,
     ) -> None:
         self.sub = subscription
         self._client = client
         self._reader = reader
         self._keys = keys
         self._scripts = scripts
-        self._dlq = dlq
-        self._types = types
-        self.consumer_name = consumer_name
-        self._max_bytes = max_event_bytes
-        self._ttl_ms = int(event_ttl * 1000)
-        self._retention_ms = int(stream_retention * 1000)
         self._breaker = breaker
-        self._on_dead_letter = on_dead_letter
+        self.consumer_name = consumer_name
+        self._retention_ms = int(stream_retention * 1000)
+        self.trim_interval = trim_interval
         self.stream = keys.stream(subscription.channel)
         self.redo = keys.redo(subscription.channel, subscription.group)
         self.retry_set = keys.retry(subscription.channel, subscription.group)
+
+        self.stats = ConsumerStats()
+        context = HandlerContext(
+            client=client,
+            keys=keys,
+            scripts=scripts,
+            dlq=dlq,
+            types=types,
+            consumer_name=consumer_name,
+            redo=self.redo,
+            max_event_bytes=max_event_bytes,
+            event_ttl_ms=int(event_ttl * 1000),
+        )
+        self._handler = EntryHandler(
+            subscription,
+            context,
+            self.stats,
+            breaker=breaker,
+            on_dead_letter=on_dead_letter,
+        )
+        self._pending = PendingEntries(
+            subscription,
+            client=client,
+            consumer_name=consumer_name,
+            streams=(self.stream, self.redo),
+            handler=self._handler,
+            stats=self.stats,
+        )
+
+        # Reads block for at most a quarter of the claim timeout, so that the
+        # loop looks for stale entries four times per claim timeout.
+        self._block_ms = max(10, min(BLOCK_MS, int(subscription.claim_timeout * 250)))
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._timers = _Timers()
+        self._alone: tuple[str, str] | None = None  # the suspect running alone
+        self._suspects: list[tuple[str, str]] = []
+        self._next_claim = 0.0
+        self._next_trim = 0.0
+        self._drain_timeout: float | None = None
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
-        self.stats = ConsumerStats()
         self.health = "starting"
 
     # -- lifecycle -------------------------------------------------------
 
+    @property
+    def in_flight(self) -> int:
+        """Handler runs in progress now."""
+        return len(self._in_flight)
+
     async def wait_ready(self) -> None:
-        """Wait until the consumer group exists and the first read is issued."""
+        """Wait until the consumer group exists and the first upkeep pass is done.
+
+        The consumer may still be busy with entries of a dead consumer then,
+        because it takes those over before it reads new ones.
+        """
         await self._ready.wait()
 
-    def stop(self) -> None:
-        """Ask the loop to stop reading; in-flight handlers are left to finish."""
+    def stop(self, *, drain_timeout: float | None = None) -> None:
+        """Stop reading; in-flight handlers get ``drain_timeout`` seconds to finish.
+
+        Without ``drain_timeout`` the one given to ``run`` applies.
+        """
+        self._drain_timeout = drain_timeout
         self._stopping.set()
 
     async def run(self, *, drain_timeout: float = 30.0) -> None:
@@ -133,21 +164,33 @@ class DurableConsumer:
             self.sub.claim_timeout,
             self.sub.retry.max_attempts,
         )
+        leases = asyncio.create_task(
+            self._pending.keep_leases(self._in_flight),
+            name=f"hivebus-leases-{self.sub.name}",
+        )
         try:
             await self._loop()
         finally:
-            await self._drain(drain_timeout)
-            self.health = "stopped"
-            logger.info(
-                "durable consumer stopped subscription=%s handled=%d failed=%d "
-                "retried=%d dead_lettered=%d claimed=%d",
-                self.sub.name,
-                self.stats.handled,
-                self.stats.failed,
-                self.stats.retried,
-                self.stats.dead_lettered,
-                self.stats.claimed,
-            )
+            try:
+                timeout = self._drain_timeout
+                await self._drain(drain_timeout if timeout is None else timeout)
+            finally:
+                leases.cancel()
+                await asyncio.gather(leases, return_exceptions=True)
+                self.health = "stopped"
+                self._log_stopped()
+
+    def _log_stopped(self) -> None:
+        logger.info(
+            "durable consumer stopped subscription=%s handled=%d failed=%d "
+            "retried=%d dead_lettered=%d claimed=%d",
+            self.sub.name,
+            self.stats.handled,
+            self.stats.failed,
+            self.stats.retried,
+            self.stats.dead_lettered,
+            self.stats.claimed,
+        )
 
     async def _loop(self) -> None:
         backoff = Backoff(base=0.2, cap=5.0)
@@ -160,7 +203,8 @@ class DurableConsumer:
                 await self._iterate()
             except redis_errors.ResponseError as exc:
                 if not is_nogroup(exc):
-                    raise
+                    await self._unexpected(exc)
+                    continue
                 logger.warning(
                     "consumer group missing, recreating it subscription=%s "
                     "stream=%s reason=%s",
@@ -172,8 +216,21 @@ class DurableConsumer:
             except TRANSIENT_ERRORS as exc:
                 await self._degraded(exc, backoff)
                 continue
+            except Exception as exc:
+                await self._unexpected(exc)
+                continue
             if self.health != "healthy":
                 self._recovered(backoff)
+
+    async def _unexpected(self, error: Exception) -> None:
+        logger.error(
+            "consume loop failed, going on after %.1fs subscription=%s",
+            ERROR_PAUSE,
+            self.sub.name,
+            exc_info=error,
+        )
+        self._ready.set()
+        await self._sleep(ERROR_PAUSE)
 
     async def _degraded(self, error: BaseException, backoff: Backoff) -> None:
         delay = backoff.next_delay()
@@ -187,10 +244,7 @@ class DurableConsumer:
             delay,
             error,
         )
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            pass
+        await self._sleep(delay)
 
     def _recovered(self, backoff: Backoff) -> None:
         if self.health == "degraded":
@@ -228,77 +282,113 @@ class DurableConsumer:
                 len(pending),
             )
 
-    # -- one iteration ---------------------------------------------------
-
-    async def _iterate(self) -> None:
-        await self._upkeep()
-        free = self.sub.concurrency - len(self._in_flight)
-        if free <= 0:
-            await asyncio.wait(
-                list(self._in_flight.values()),
-                timeout=BLOCK_MS / 1000,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            return
-        if self._breaker is not None:
-            wait, limit = await self._breaker_gate()
-            if limit == 0:
-                self._ready.set()
-                await self._sleep(min(wait, 1.0))
-                return
-            free = min(free, limit)
-        for entry in await self._read(min(free, self.sub.batch)):
-            self._start(entry)
-
-    async def _read(self, count: int) -> list[Entry]:
-        self._ready.set()
-        reply: Any = await self._reader.xreadgroup(
-            self.sub.group,
-            self.consumer_name,
-            {self.stream: ">", self.redo: ">"},
-            count=count,
-            block=BLOCK_MS,
-        )
-        entries = []
-        for stream_name, rows in reply or []:
-            stream = _text(stream_name)
-            for entry_id, fields in rows:
-                entries.append(Entry(stream, _text(entry_id), fields or {}))
-        if entries:
-            logger.debug(
-                "entries read subscription=%s count=%d", self.sub.name, len(entries)
-            )
-        return entries
-
-    def _start(self, entry: Entry) -> None:
-        key = (entry.stream, entry.id)
-        if key in self._in_flight:
-            return
-        task = asyncio.create_task(
-            self._handle(entry), name=f"hivebus-handle-{entry.id}"
-        )
-        self._in_flight[key] = task
-        task.add_done_callback(lambda _: self._in_flight.pop(key, None))
-
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             pass
 
+    # -- one iteration ---------------------------------------------------
+
+    async def _iterate(self) -> None:
+        await self._upkeep()
+        self._ready.set()
+        if self._alone is not None or self.in_flight >= self.sub.concurrency:
+            await self._wait_in_flight()
+            return
+        if self._suspects:
+            await self._next_suspect()
+            return
+
+        limit = self.sub.concurrency - self.in_flight
+        if self._breaker is not None:
+            wait, allowed = await self._breaker_gate()
+            if allowed == 0:
+                await self._sleep(min(wait, 1.0))
+                return
+            limit = min(limit, allowed)
+        for entry in await self._read(min(limit, self.sub.batch)):
+            self._start(entry)
+
+    async def _wait_in_flight(self) -> None:
+        tasks = list(self._in_flight.values())
+        if tasks:
+            await asyncio.wait(
+                tasks,
+                timeout=self._block_ms / 1000,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+
+    async def _read(self, count: int) -> list[Entry]:
+        """Read up to ``count`` entries: due retries first, then new events.
+
+        The two streams are read one after the other because XREADGROUP's
+        COUNT applies to each stream, and one read of both could return
+        twice the concurrency limit.
+        """
+        entries = await self._read_stream(self.redo, count, block=None)
+        if len(entries) < count:
+            block = None if entries else self._block_ms
+            entries += await self._read_stream(
+                self.stream, count - len(entries), block=block
+            )
+        if entries:
+            logger.debug(
+                "entries read subscription=%s count=%d", self.sub.name, len(entries)
+            )
+        return entries
+
+    async def _read_stream(
+        self, stream: str, count: int, *, block: int | None
+    ) -> list[Entry]:
+        reply: Any = await self._reader.xreadgroup(
+            self.sub.group, self.consumer_name, {stream: ">"}, count=count, block=block
+        )
+        return [
+            Entry(_text(name), _text(entry_id), fields or {})
+            for name, rows in reply or []
+            for entry_id, fields in rows
+        ]
+
+    def _start(self, entry: Entry, *, alone: bool = False) -> None:
+        key = entry.key
+        if key in self._in_flight:
+            return
+        task = asyncio.create_task(
+            self._handler.handle(entry), name=f"hivebus-handle-{entry.id}"
+        )
+        self._in_flight[key] = task
+        if alone:
+            self._alone = key
+        task.add_done_callback(lambda _: self._finished(key))
+
+    def _finished(self, key: tuple[str, str]) -> None:
+        self._in_flight.pop(key, None)
+        self._handler.trimmed.discard(key)
+        if self._alone == key:
+            self._alone = None
+
+    async def _next_suspect(self) -> None:
+        """Wait for the handlers in flight, then claim one suspect and run it alone."""
+        if self._in_flight:
+            await self._wait_in_flight()
+            return
+        stream, entry_id = self._suspects.pop(0)
+        entry = await self._pending.claim(stream, entry_id)
+        if entry is not None:
+            self._start(entry, alone=True)
+
     # -- upkeep ----------------------------------------------------------
 
     async def _upkeep(self) -> None:
         now = time.monotonic()
         await self._move_due_retries()
-        if now >= self._timers.heartbeat:
-            self._timers.heartbeat = now + self.sub.claim_timeout / 3
-            await self._heartbeat()
-        if now >= self._timers.claim:
-            self._timers.claim = now + max(0.1, self.sub.claim_timeout / 4)
-            await self._claim_stale()
-        if now >= self._timers.trim:
-            self._timers.trim = now + TRIM_INTERVAL
+        if now >= self._next_claim:
+            self._next_claim = now + max(0.1, self.sub.claim_timeout / 4)
+            if self._alone is None and not self._suspects:
+                self._suspects = await self._pending.find_stale(self._in_flight)
+        if now >= self._next_trim:
+            self._next_trim = now + self.trim_interval
             await self.trim()
 
     async def _move_due_retries(self) -> None:
@@ -310,75 +400,17 @@ class DurableConsumer:
                 "due retries moved subscription=%s count=%d", self.sub.name, moved
             )
 
-    async def _heartbeat(self) -> None:
-        """Reset the idle time of entries being handled, so no peer claims them."""
-        by_stream: dict[str, list[Any]] = {}
-        for stream, entry_id in list(self._in_flight):
-            by_stream.setdefault(stream, []).append(entry_id)
-        for stream, ids in by_stream.items():
-            await self._client.xclaim(
-                stream, self.sub.group, self.consumer_name, 0, ids, justid=True
-            )
-
-    async def _claim_stale(self) -> None:
-        free = self.sub.concurrency - len(self._in_flight)
-        if free <= 0:
-            return
-        idle_ms = int(self.sub.claim_timeout * 1000)
-        for stream in (self.stream, self.redo):
-            cursor = self._timers.claim_cursor.get(stream, "0-0")
-            reply: Any = await self._client.xautoclaim(
-                stream, self.sub.group, self.consumer_name, idle_ms, cursor, count=free
-            )
-            self._timers.claim_cursor[stream] = _text(reply[0])
-            claimed = [(_text(i), f) for i, f in reply[1] if f is not None]
-            deleted = [_text(i) for i in (reply[2] if len(reply) > 2 else [])]
-            if deleted:
-                await self._report_trimmed(stream, deleted)
-            if claimed:
-                await self._start_claimed(stream, claimed)
-
-    async def _start_claimed(
-        self, stream: str, claimed: list[tuple[str, dict[bytes, bytes]]]
-    ) -> None:
-        counts = await self._delivery_counts(stream, [i for i, _ in claimed])
-        self.stats.claimed += len(claimed)
-        logger.warning(
-            "claimed entries left pending by a stalled or dead consumer "
-            "subscription=%s stream=%s count=%d first_id=%s",
-            self.sub.name,
-            stream,
-            len(claimed),
-            claimed[0][0],
-        )
-        for entry_id, fields in claimed:
-            self._start(Entry(stream, entry_id, fields, counts.get(entry_id, 2)))
-
-    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
-        rows = await self._client.xpending_range(
-            stream, self.sub.group, min=ids[0], max=ids[-1], count=len(ids) + 100
-        )
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
-
-    async def _report_trimmed(self, stream: str, ids: list[str]) -> None:
-        for entry_id in ids:
-            logger.warning(
-                "pending entry was trimmed before ack subscription=%s stream=%s "
-                "entry_id=%s",
-                self.sub.name,
-                stream,
-                entry_id,
-            )
-            failure = Failure(
-                reason="entry trimmed before ack (body no longer available)"
-            )
-            await self._dead_letter(Entry(stream, entry_id, {}), b"", None, failure)
-
     async def trim(self) -> int:
-        """Trim both streams by age, never past an entry that is still pending."""
+        """Trim both streams by age, never past an entry that is still pending.
+
+        The redo stream holds only this group's retries and replays, which
+        are deleted once settled, so its unread entries are never trimmed.
+        """
         removed = 0
-        for stream in (self.stream, self.redo):
-            reply = await self._scripts.trim(keys=[stream], args=[self._retention_ms])
+        for stream, keep_unread in ((self.stream, "0"), (self.redo, "1")):
+            reply = await self._scripts.trim(
+                keys=[stream], args=[self._retention_ms, keep_unread]
+            )
             removed += int(reply[0])
             for group in reply[1:]:
                 logger.warning(
@@ -398,263 +430,21 @@ class DurableConsumer:
     async def _breaker_gate(self) -> tuple[float, int]:
         """Return (seconds to wait, entries that may be read) under the breaker.
 
-        Closed: read freely. Open: read nothing until the cool-down ends, then
-        one entry, whose handler run may become the single probe. Half-open:
-        read nothing while another instance's probe runs.
+        Closed: read freely. Open, or half-open while another instance's probe
+        runs: read nothing until a call could pass. Once the cool-down is over:
+        one entry, whose handler run may become the single probe.
         """
         assert self._breaker is not None
-        state = await self._breaker.state()
-        if state["state"] == "closed":
+        permit = await self._breaker.peek()
+        if not permit.allowed:
+            return max(permit.retry_after, HALF_OPEN_POLL), 0
+        if permit.state == "closed":
             return 0.0, self.sub.concurrency
-        if state["state"] == "half_open":
+        if self.in_flight:
+            # An entry read for the probe may not have taken the lease yet;
+            # another one read now would only be rejected and postponed.
             return HALF_OPEN_POLL, 0
-        seconds, micros = await self._client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        reopen_ms = state["opened_at_ms"] + int(self._breaker.config.cooldown * 1000)
-        if now_ms < reopen_ms:
-            return (reopen_ms - now_ms) / 1000, 0
         return 0.0, 1
-
-    # -- handling one entry ----------------------------------------------
-
-    async def _handle(self, entry: Entry) -> None:
-        body = entry.fields.get(b"e")
-        if body is None:
-            failure = Failure(reason="entry has no event field 'e'", attempts=1)
-            await self._dead_letter(entry, _describe(entry.fields), None, failure)
-            return
-        base_attempt = int(entry.fields.get(b"a", b"1"))
-        first_ms = int(entry.fields.get(b"ff", b"0"))
-        attempt = base_attempt + entry.delivery_count - 1
-        try:
-            event = codec.decode(body, self._types, self._max_bytes, raw=self.sub.raw)
-        except InvalidEventError as exc:
-            failure = Failure(f"undecodable entry: {exc}", exc, attempt, first_ms)
-            await self._dead_letter(entry, body, None, failure)
-            return
-        if self.sub.types is not None and event.type not in self.sub.types:
-            await self._ack(entry)
-            return
-        if attempt > self.sub.retry.max_attempts:
-            reason = (
-                f"max deliveries exceeded (handler did not return): delivered "
-                f"{entry.delivery_count} times, attempt {attempt} of "
-                f"{self.sub.retry.max_attempts}"
-            )
-            await self._dead_letter(
-                entry, body, event, Failure(reason, None, attempt - 1, first_ms)
-            )
-            return
-        await self._run_guarded(entry, body, event, attempt, first_ms)
-
-    async def _run_guarded(
-        self, entry: Entry, body: bytes, event: Event[Any], attempt: int, first_ms: int
-    ) -> None:
-        permit: Permit | None = None
-        if self._breaker is not None:
-            permit = await self._breaker.acquire()
-            if not permit.allowed:
-                delay = min(permit.retry_after, self._breaker.config.cooldown)
-                await self._postpone(
-                    entry, body, base_attempt=attempt, first_ms=first_ms, delay=delay
-                )
-                return
-        try:
-            await self._call_handler(entry, event, attempt)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._release(entry))
-            raise
-        except Exception as exc:
-            if permit is not None:
-                await asyncio.shield(self._breaker.record(permit, success=False))  # type: ignore[union-attr]
-            await asyncio.shield(
-                self._failed(entry, body, event, attempt, first_ms, exc)
-            )
-            return
-        if permit is not None:
-            await asyncio.shield(self._breaker.record(permit, success=True))  # type: ignore[union-attr]
-        await asyncio.shield(self._ack(entry))
-        self.stats.handled += 1
-
-    async def _call_handler(
-        self, entry: Entry, event: Event[Any], attempt: int
-    ) -> None:
-        logger.debug(
-            "handler started subscription=%s event_id=%s attempt=%d",
-            self.sub.name,
-            event.id,
-            attempt,
-        )
-        if self.sub.wants_delivery:
-            delivery = Delivery(
-                event=event,
-                attempt=attempt,
-                delivery_count=entry.delivery_count,
-                subscription=self.sub.name,
-                entry_id=entry.id,
-                _client=self._client,
-                _keys=self._keys,
-                _channel=self.sub.channel,
-                _group=self.sub.group,
-                _ttl_ms=self._ttl_ms,
-            )
-            call = self.sub.handler(event, delivery)
-        else:
-            call = self.sub.handler(event)
-        async with asyncio.timeout(self.sub.handler_timeout):
-            await call
-
-    async def _failed(
-        self,
-        entry: Entry,
-        body: bytes,
-        event: Event[Any],
-        attempt: int,
-        first_ms: int,
-        error: Exception,
-    ) -> None:
-        self.stats.failed += 1
-        first_ms = first_ms or _now_ms()
-        retry = isinstance(error, RetryLater) and attempt < self.sub.retry.max_attempts
-        if retry or self.sub.retry.should_retry(error, attempt):
-            delay = (
-                error.delay if isinstance(error, RetryLater) and error.delay else None
-            )
-            delay = self.sub.retry.delay(attempt) if delay is None else delay
-            logger.info(
-                "handler failed, retry scheduled subscription=%s event_id=%s "
-                "attempt=%d delay=%.2fs error=%r",
-                self.sub.name,
-                event.id,
-                attempt,
-                delay,
-                error,
-            )
-            await self._postpone(
-                entry, body, base_attempt=attempt + 1, first_ms=first_ms, delay=delay
-            )
-            self.stats.retried += 1
-            return
-        if attempt >= self.sub.retry.max_attempts:
-            reason = f"retries exhausted after {attempt} attempt(s)"
-            logger.warning(
-                "retries exhausted subscription=%s event_id=%s attempts=%d error=%r",
-                self.sub.name,
-                event.id,
-                attempt,
-                error,
-            )
-        else:
-            reason = f"not retried: {type(error).__name__}"
-        logger.error(
-            "handler failed subscription=%s event_id=%s attempt=%d",
-            self.sub.name,
-            event.id,
-            attempt,
-            exc_info=error,
-        )
-        await self._dead_letter(
-            entry, body, event, Failure(reason, error, attempt, first_ms)
-        )
-
-    # -- bookkeeping after a handler run ---------------------------------
-
-    async def _ack(self, entry: Entry) -> None:
-        try:
-            await self._client.xack(entry.stream, self.sub.group, entry.id)
-        except TRANSIENT_ERRORS as exc:
-            logger.error(
-                "ack failed, entry will be delivered again subscription=%s entry_id=%s "
-                "error=%s",
-                self.sub.name,
-                entry.id,
-                exc,
-            )
-            return
-        if entry.stream == self.redo:
-            await self._client.xdel(self.redo, entry.id)
-        logger.debug("entry acked subscription=%s entry_id=%s", self.sub.name, entry.id)
-
-    async def _postpone(
-        self,
-        entry: Entry,
-        body: bytes,
-        *,
-        base_attempt: int,
-        first_ms: int,
-        delay: float,
-    ) -> None:
-        """Move an entry to the retry set, to run again after ``delay`` seconds."""
-        member = _retry_member(body, base_attempt, first_ms, entry)
-        await self._scripts.schedule_retry(
-            keys=[self.retry_set, entry.stream],
-            args=[self.sub.group, entry.id, int(delay * 1000), member],
-        )
-        if entry.stream == self.redo:
-            await self._client.xdel(self.redo, entry.id)
-
-    async def _release(self, entry: Entry) -> None:
-        """Make an entry claimable by a peer at once, without counting a delivery."""
-        try:
-            idle_ms = int(self.sub.claim_timeout * 1000) + 1
-            await self._client.xclaim(
-                entry.stream,
-                self.sub.group,
-                self.consumer_name,
-                0,
-                [entry.id],
-                idle=idle_ms,
-                justid=True,
-            )
-        except TRANSIENT_ERRORS:
-            logger.warning(
-                "could not release entry subscription=%s entry_id=%s",
-                self.sub.name,
-                entry.id,
-            )
-
-    async def _dead_letter(
-        self,
-        entry: Entry,
-        body: bytes | str,
-        event: Event[Any] | None,
-        failure: Failure,
-    ) -> None:
-        event_json = event.model_dump(mode="json") if event is not None else None
-        dead_letter_id = await self._dlq.add(
-            channel=self.sub.channel,
-            subscription=self.sub.group,
-            body=body,
-            failure=failure,
-            event=event_json,
-            ack=(entry.stream, entry.id),
-        )
-        if entry.stream == self.redo:
-            await self._client.xdel(self.redo, entry.id)
-        self.stats.dead_lettered += 1
-        if self._on_dead_letter is not None:
-            await self._on_dead_letter(self.sub, event, failure, dead_letter_id)
-
-
-def _retry_member(body: bytes, attempt: int, first_ms: int, entry: Entry) -> str:
-    import json
-
-    return json.dumps(
-        {
-            "e": body.decode(errors="replace"),
-            "a": str(attempt),
-            "ff": str(first_ms),
-            "src": f"{entry.stream}|{entry.id}",
-        }
-    )
-
-
-def _describe(fields: dict[bytes, bytes]) -> str:
-    return repr({_text(k): _text(v)[:200] for k, v in fields.items()})[:2000]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _text(value: Any) -> str:

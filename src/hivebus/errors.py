@@ -18,6 +18,7 @@ anything the library raises on purpose::
     ├── BreakerOpenError            a circuit breaker rejects the call
     ├── RequestTimeoutError         no reply arrived before the deadline
     ├── RemoteError                 the responder raised
+    ├── ListenerClosedError         the bus stopped under a temporary listener
     ├── ContextError                a context operation failed
     │   ├── ContextNotFoundError    no context (or version) has that id
     │   ├── ContextConflictError    an update was made from a stale version
@@ -25,6 +26,8 @@ anything the library raises on purpose::
     ├── BrainError                  a model gave no usable answer
     │   ├── BrainReplyError         replies kept failing the requested model
     │   └── BrainServerError        the model server refused or kept failing
+    ├── PromptError                 a role prompt operation failed
+    │   └── PromptNotFoundError     no prompt version has that number
     └── TaskError                   a team task operation failed
         └── TaskNotFoundError       no task has that id
 
@@ -36,6 +39,11 @@ happens to the entry it is handling:
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hivebus.team.brain import Rejection, Usage
 
 
 class HivebusError(Exception):
@@ -112,6 +120,10 @@ class RemoteError(HivebusError):
         super().__init__(f"service {service!r} failed: {error_type}: {message}")
 
 
+class ListenerClosedError(HivebusError):
+    """The bus stopped while a temporary listener (``bus.listen``) was reading."""
+
+
 class ContextError(HivebusError):
     """A context operation failed."""
 
@@ -138,7 +150,24 @@ class ContextValidationError(ContextError):
 
 
 class BrainError(HivebusError):
-    """A brain gave no usable answer within its attempts, timeouts and breaker."""
+    """A brain gave no usable answer within its attempts, timeouts and breaker.
+
+    ``usage`` holds the tokens that the failed call still spent (a
+    ``hivebus.team.brain.Usage``, or ``None`` when nothing reached a model),
+    and ``rejections`` the replies it rejected, so that budgets and task
+    records count them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        usage: Usage | None = None,
+        rejections: tuple[Rejection, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.rejections = rejections
 
 
 class BrainReplyError(BrainError):
@@ -147,6 +176,14 @@ class BrainReplyError(BrainError):
 
 class BrainServerError(BrainError):
     """The model server refused the request (quota, bad parameter) or kept failing."""
+
+
+class PromptError(HivebusError):
+    """A role prompt operation failed: unknown role, oversized text, bad version."""
+
+
+class PromptNotFoundError(PromptError):
+    """No version of the role's prompt has the number."""
 
 
 class TaskError(HivebusError):

@@ -21,8 +21,28 @@ pattern                                   type    TTL         written by
 ``P:errors:recent``                       list    none        error handler
 ``P:reply:PROCESS``                       pubsub  n/a         responders (replies)
 ``P:ctx:{ID}``                            hash    none        context manager
-``P:ctx:{ID}:v:VERSION``                  string  retention   context manager
+``P:ctx:{ID}:v:VERSION``                  hash    retention   context manager
+``P:ctx:metrics``                         hash    none        context manager, caches
+``P:ctx:sizes``                           zset    none        context manager (bytes)
 ``P:stats``                               hash    none        publisher counters
+``P:task:{ID}``                           hash    none        team task state
+``P:task:{ID}:end``                       string  none        whoever ends the task
+``P:task:{ID}:steps``                     hash    none        master (step owners)
+``P:task:{ID}:plans``                     hash    none        master (plan versions)
+``P:task:{ID}:stories:VERSION``           hash    none        master (plan's stories)
+``P:task:{ID}:story:KEY``                 hash    none        master (round, verdict)
+``P:task:{ID}:board``                     hash    none        master (role states)
+``P:task:{ID}:progress``                  stream  none        master, task ends
+``P:task:{ID}:events``                    list    none        team (the event tree)
+``P:task:{ID}:calls``                     list    none        agents (brain calls)
+``P:task:{ID}:tokens``                    hash    none        agents (tokens by role)
+``P:task:{ID}:prompts``                   list    none        master (prompt changes)
+``P:task:{ID}:lease:ITEM``                string  lease       agent holding the work
+``P:tasks``                               zset    none        submitters (by time)
+``P:tasks:awaiting``                      zset    none        master (approval due)
+``P:project:{NAME}``                      hash    none        project-wide context
+``P:prompt:{ROLE}``                       hash    none        prompt store (latest, pin)
+``P:prompt:{ROLE}:v:VERSION``             string  none        prompt store (JSON)
 ========================================  ======  ==========  ======================
 
 Streams, groups and dead letters never get a TTL, so that a ``volatile-*``
@@ -119,6 +139,11 @@ class Keys:
         return f"{self.prefix}:*"
 
     @property
+    def breakers(self) -> str:
+        """SCAN pattern that matches every circuit breaker's hash and probe key."""
+        return f"{self.prefix}:breaker:*"
+
+    @property
     def channels(self) -> str:
         """Set of durable channel names, for tools that walk every channel."""
         return f"{self.prefix}:channels"
@@ -152,6 +177,46 @@ class Keys:
     def context_version(self, context_id: str, version: int) -> str:
         """Return the key of one stored version of a context."""
         return f"{self.prefix}:ctx:{{{context_id}}}:v:{version}"
+
+    @property
+    def context_metrics(self) -> str:
+        """Hash of context counters: reads, updates, conflicts, cache hits."""
+        return f"{self.prefix}:ctx:metrics"
+
+    @property
+    def context_sizes(self) -> str:
+        """Sorted set of context ids, scored by the size of their data in bytes."""
+        return f"{self.prefix}:ctx:sizes"
+
+    def task(self, task_id: str, *parts: str) -> str:
+        """Return the key of a team task's state, or of one of its parts.
+
+        Every key of a task shares its hash tag, so one transaction may
+        touch them together.
+        """
+        return ":".join((f"{self.prefix}:task:{{{task_id}}}", *parts))
+
+    @property
+    def tasks(self) -> str:
+        """Sorted set of team task ids, scored by submit time in ms."""
+        return f"{self.prefix}:tasks"
+
+    @property
+    def tasks_awaiting(self) -> str:
+        """Sorted set of tasks awaiting plan approval, scored by their deadline."""
+        return f"{self.prefix}:tasks:awaiting"
+
+    def project(self, name: str) -> str:
+        """Return the hash of a project-wide context kept by the team."""
+        return f"{self.prefix}:project:{{{name}}}"
+
+    def prompt(self, role: str) -> str:
+        """Return the hash of a role prompt's latest version number and pin."""
+        return f"{self.prefix}:prompt:{{{role}}}"
+
+    def prompt_version(self, role: str, version: int) -> str:
+        """Return the key of one stored version of a role prompt."""
+        return f"{self.prefix}:prompt:{{{role}}}:v:{version}"
 
     @property
     def stats(self) -> str:

@@ -2,7 +2,10 @@
 
 Publishes that are waiting while a pipeline is in flight are sent together in
 the next pipeline, so a hundred tasks that each publish one event cost about
-as many round trips as one task publishing batches.
+as many round trips as one task publishing batches. A publish that finds no
+pipeline in flight sends its own from the caller's task, with no hand-off to
+the writer task. If that caller is cancelled after the commands are written,
+Redis still runs them but the reply is lost.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import exceptions as redis_errors
+from redis.asyncio.connection import AbstractConnection
+
 from hivebus._tasks import TaskSet
-from hivebus.connection import Redis, retry_transient
+from hivebus.connection import TRANSIENT_ERRORS, Redis, retry_transient, translate
+from hivebus.errors import HivebusError
 from hivebus.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,9 @@ class Outgoing:
     body: bytes
     durable: bool
     future: asyncio.Future[PublishResult] = field(repr=False)
+    # The publish deadline counts from here, so time spent queued behind a
+    # batch that is waiting for Redis is part of `publish_timeout`.
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -68,6 +78,7 @@ class Publisher:
         self._ttl_ms = max(1, int(event_ttl * 1000))
         self._deadline = deadline
         self._queue: list[Outgoing] = []
+        self._in_flight: list[Outgoing] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._unobserved: dict[str, _Unobserved] = defaultdict(_Unobserved)
@@ -75,13 +86,44 @@ class Publisher:
         self.unobserved_total = 0
         self._uncounted: Counter[str] = Counter()
         self._counting: asyncio.Task[Any] | None = None
+        self.redis_reachable = True  # outcome of the latest pipeline sent
+        self._connection: AbstractConnection | None = None
+        self._reply_timeout: float | None = None  # seconds, for a whole batch
+
+    @property
+    def health(self) -> str:
+        """``healthy``, or ``degraded`` while the latest pipeline found Redis down."""
+        return "healthy" if self.redis_reachable else "degraded"
 
     async def send(self, items: list[Outgoing]) -> list[PublishResult]:
-        """Queue ``items`` for the next pipeline and wait for their results."""
-        self._ensure_writer()
-        self._queue.extend(items)
-        self._wakeup.set()
+        """Send ``items`` now if no pipeline is in flight, else queue them for the next.
+
+        Either way, wait for their results.
+        """
+        if self._in_flight or self._queue or len(items) > MAX_BATCH:
+            self._ensure_writer()
+            self._queue.extend(items)
+            self._wakeup.set()
+        else:
+            await self._send_now(items)
+        if len(items) == 1:
+            return [await items[0].future]
         return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def _send_now(self, items: list[Outgoing]) -> None:
+        """Flush ``items`` from the caller's task; the writer waits meanwhile."""
+        self._in_flight = items
+        try:
+            await self._flush(items)
+        except BaseException:
+            for item in items:
+                item.future.cancel()
+            raise
+        finally:
+            self._in_flight = []
+            if self._queue:
+                self._ensure_writer()
+                self._wakeup.set()
 
     def _ensure_writer(self) -> None:
         if self._writer is None or self._writer.done():
@@ -90,53 +132,122 @@ class Publisher:
             )
 
     async def close(self) -> None:
-        """Flush what is queued, then stop the writer task."""
-        if self._queue:
-            await asyncio.gather(
-                *(i.future for i in self._queue), return_exceptions=True
-            )
+        """Flush what is queued or in flight, then stop the writer task."""
+        pending = [i.future for i in (*self._in_flight, *self._queue)]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
         await self._background.wait()
+        if self._connection is not None:
+            await self._connection.disconnect()
+            self._connection = None
 
     async def _write_loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue:
+            while self._queue and not self._in_flight:
                 batch = self._queue[:MAX_BATCH]
                 del self._queue[:MAX_BATCH]
-                await self._flush(batch)
+                self._in_flight = batch
+                try:
+                    await self._flush(batch)
+                finally:
+                    self._in_flight = []
+                    _fail_unresolved(batch, "the publisher was closed")
 
     async def _flush(self, batch: list[Outgoing]) -> None:
+        waited = time.monotonic() - min(item.queued_at for item in batch)
         try:
             replies = await retry_transient(
-                lambda: self._execute(batch),
+                lambda: self._attempt(batch),
                 deadline=self._deadline,
+                elapsed=waited,
                 what=f"publish of {len(batch)} event(s)",
             )
+        except redis_errors.RedisError as exc:
+            error = translate(exc, f"publish of {len(batch)} event(s)")
+            error.__cause__ = exc
+            _fail_all(batch, error)
+            return
         except Exception as exc:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            _fail_all(batch, exc)
             return
         self._resolve(batch, replies)
 
+    async def _attempt(self, batch: list[Outgoing]) -> list[Any]:
+        try:
+            replies = await self._execute(batch)
+        except TRANSIENT_ERRORS:
+            self.redis_reachable = False
+            raise
+        self.redis_reachable = True
+        return replies
+
     async def _execute(self, batch: list[Outgoing]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
+        """Send the batch's commands in one pipeline and return their raw replies.
+
+        Per event: SET with PX, then XADD (durable) or PUBLISH (broadcast);
+        then XINFO GROUPS once per stream. Error replies come back as
+        exception objects in the list, as with redis-py's
+        ``Pipeline.execute(raise_on_error=False)``.
+        """
+        ttl = b"%d" % self._ttl_ms
+        commands: list[bytes] = []
         streams: set[str] = set()
         for item in batch:
-            pipe.set(self._keys.event(item.event_id), item.body, px=self._ttl_ms)
+            key = self._keys.event(item.event_id).encode()
+            commands.append(_command(b"SET", key, item.body, b"PX", ttl))
             if item.durable:
                 stream = self._keys.stream(item.channel)
-                pipe.xadd(stream, {"e": item.body})
+                commands.append(
+                    _command(b"XADD", stream.encode(), b"*", b"e", item.body)
+                )
                 streams.add(stream)
             else:
-                pipe.publish(self._keys.broadcast(item.channel), item.body)
+                channel = self._keys.broadcast(item.channel).encode()
+                commands.append(_command(b"PUBLISH", channel, item.body))
         for stream in sorted(streams):
-            pipe.xinfo_groups(stream)
-        return list(await pipe.execute(raise_on_error=False))
+            commands.append(_command(b"XINFO", b"GROUPS", stream.encode()))
+        return await self._round_trip(commands)
+
+    async def _round_trip(self, commands: list[bytes]) -> list[Any]:
+        """Write encoded commands on the publisher's connection and read each reply.
+
+        The publisher encodes commands itself and keeps a connection of its
+        own because redis-py's Pipeline and pool cost about as much CPU per
+        command as the network round trip they save. One timeout covers the
+        whole batch. ``_in_flight`` keeps the writer task and callers that
+        send directly to one batch at a time.
+        """
+        connection = self._own_connection()
+        replies: list[Any] = []
+        try:
+            async with asyncio.timeout(self._reply_timeout):
+                await connection.send_packed_command(commands)
+                for _ in commands:
+                    replies.append(await _read_reply(connection))
+        except BaseException:
+            # Replies left unread would be taken as the next batch's replies.
+            await connection.disconnect(nowait=True)
+            raise
+        return replies
+
+    def _own_connection(self) -> AbstractConnection:
+        """Return the publisher's connection, made with the pool's settings.
+
+        Its client name ends in ``:publisher``, so CLIENT LIST tells it apart.
+        """
+        if self._connection is None:
+            pool = self._client.connection_pool
+            self._reply_timeout = pool.connection_kwargs.get("socket_timeout")
+            options = {**pool.connection_kwargs, "socket_timeout": None}
+            if options.get("client_name"):
+                options["client_name"] += ":publisher"
+            self._connection = pool.connection_class(**options)
+        return self._connection
 
     def _resolve(self, batch: list[Outgoing], replies: list[Any]) -> None:
         group_counts = self._group_counts(batch, replies)
@@ -151,7 +262,9 @@ class Publisher:
                 None,
             )
             if error is not None:
-                item.future.set_exception(error)
+                failure = translate(error, f"publish of event {item.event_id!r}")
+                failure.__cause__ = error
+                item.future.set_exception(failure)
                 continue
             if item.durable:
                 groups = group_counts.get(self._keys.stream(item.channel), 0)
@@ -203,3 +316,36 @@ class Publisher:
             for channel, count in counts.items():
                 pipe.hincrby(self._keys.stats, f"unobserved:{channel}", count)
             await pipe.execute()
+
+
+def _command(*parts: bytes) -> bytes:
+    """Encode one Redis command in RESP, the wire format of requests."""
+    chunks = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        chunks.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(chunks)
+
+
+async def _read_reply(connection: AbstractConnection) -> Any:
+    """Return the next reply, or an error reply as its exception object."""
+    try:
+        return await connection.read_response()
+    except redis_errors.ResponseError as exc:
+        return exc
+
+
+def _fail_all(batch: list[Outgoing], error: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def _fail_unresolved(batch: list[Outgoing], reason: str) -> None:
+    """Fail the publishes of ``batch`` that have no result, so no caller hangs."""
+    unresolved = [item for item in batch if not item.future.done()]
+    if unresolved:
+        msg = (
+            f"publish of {len(unresolved)} event(s) was abandoned because {reason}; "
+            "publish again on a running bus"
+        )
+        _fail_all(unresolved, HivebusError(msg))

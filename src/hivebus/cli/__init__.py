@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from hivebus.cli import demo, dlq, events  # noqa: F401 - importing registers the commands
+from hivebus.cli import (  # noqa: F401 - importing registers the commands
+    context,
+    dashboard,
+    demo,
+    dlq,
+    errors,
+    events,
+    prompts,
+    request,
+    team,
+)
 from hivebus.cli.common import app
 
 

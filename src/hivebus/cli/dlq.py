@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, TypeVar
 
 import typer
 from rich.table import Table
 
+from hivebus.bus import Bus
 from hivebus.cli.common import (
     EXIT_USAGE,
     JsonOption,
@@ -20,51 +23,83 @@ from hivebus.cli.common import (
     parse_duration,
     run,
 )
+from hivebus.dlq import DeadLetterEntry
+
+T = TypeVar("T")
 
 dlq_app = typer.Typer(
     help="Inspect, replay and purge dead letters.", no_args_is_help=True
 )
 app.add_typer(dlq_app, name="dlq")
 
+SubscriptionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--subscription",
+        "-s",
+        help="Only this subscription: a group name, or CHANNEL/GROUP.",
+    ),
+]
+ChannelOption = Annotated[
+    str | None, typer.Option("--channel", "-c", help="Only this channel.")
+]
+
+
+def _with_bus(redis: str, prefix: str, action: Callable[[Bus], Awaitable[T]]) -> T:
+    """Connect a bus, run ``action`` on it, and disconnect."""
+    bus = make_bus(redis, prefix)
+
+    async def go() -> T:
+        await bus.connect()
+        try:
+            return await action(bus)
+        finally:
+            await bus.stop()
+
+    return run(go)
+
 
 @dlq_app.command("list")
 def dlq_list(
-    subscription: Annotated[
-        str | None, typer.Option("--subscription", "-s", help="Only this group.")
-    ] = None,
-    channel: Annotated[
-        str | None, typer.Option("--channel", "-c", help="Only this channel.")
-    ] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Most entries shown.")] = 100,
+    subscription: SubscriptionOption = None,
+    channel: ChannelOption = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Most entries shown.")
+    ] = 100,
     as_json: JsonOption = False,
     redis: RedisOption = "memory://",
     prefix: PrefixOption = "hivebus",
 ) -> None:
-    """List dead letters, newest first."""
-    bus = make_bus(redis, prefix)
-
-    async def go() -> list[Any]:
-        await bus.connect()
-        try:
-            return await bus.dlq.entries(
-                channel=channel, subscription=subscription, limit=limit
-            )
-        finally:
-            await bus.stop()
-
-    entries = run(go)
+    """List dead letters, newest first (one JSON object per line with --json)."""
+    entries = _with_bus(
+        redis,
+        prefix,
+        lambda bus: bus.dlq.entries(
+            channel=channel, subscription=subscription, limit=limit
+        ),
+    )
     if as_json:
         for entry in entries:
             print(json.dumps(entry.to_dict()), flush=True)
         return
-    table = Table("id", "subscription", "event type", "attempts", "reason")
+    if not entries:
+        console.print("no dead letters", highlight=False)
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    table.add_column("subscription", no_wrap=True)
+    table.add_column("event type")
+    table.add_column("attempts", justify="right")
+    table.add_column("failed (UTC)")
+    table.add_column("reason")
     for entry in entries:
         table.add_row(
             entry.id,
-            entry.subscription,
+            f"{entry.channel}/{entry.subscription}",
             entry.event_type,
             str(entry.attempts),
-            entry.reason,
+            _time(entry.last_failure_ms),
+            entry.reason[:80],
         )
     console.print(table)
 
@@ -76,60 +111,78 @@ def dlq_show(
     redis: RedisOption = "memory://",
     prefix: PrefixOption = "hivebus",
 ) -> None:
-    """Print one dead letter with its event and error."""
-    bus = make_bus(redis, prefix)
-
-    async def go() -> Any:
-        await bus.connect()
-        try:
-            return await bus.dlq.get(dead_letter_id)
-        finally:
-            await bus.stop()
-
-    entry = run(go)
+    """Print one dead letter with its event, error and traceback."""
+    entry = _with_bus(redis, prefix, lambda bus: bus.dlq.get(dead_letter_id))
     if as_json:
         print(json.dumps(entry.to_dict(), indent=2))
         return
-    for name, value in entry.to_dict().items():
-        if name not in ("body", "event", "traceback"):
-            console.print(f"[bold]{name}[/bold]: {value}", highlight=False)
-    console.print("[bold]event[/bold]:")
-    console.print_json(
-        json.dumps(entry.event) if entry.event else json.dumps(entry.body)
-    )
+    _print_entry(entry)
+
+
+def _print_entry(entry: DeadLetterEntry) -> None:
+    shown = entry.to_dict()
+    for name in ("id", "channel", "subscription", "reason", "error_type", "error"):
+        console.print(f"{name}: {shown[name]}", markup=False, highlight=False)
+    console.print(f"attempts: {entry.attempts}", markup=False, highlight=False)
+    for name in ("first_failure", "last_failure"):
+        console.print(f"{name}: {shown[name]}", markup=False, highlight=False)
+    for name in ("event_id", "event_type", "source", "origin_id"):
+        console.print(f"{name}: {shown[name] or '-'}", markup=False, highlight=False)
+    console.print("event:", markup=False)
+    if entry.event is not None:
+        console.print_json(json.dumps(entry.event))
+    else:
+        console.print(entry.body, markup=False, highlight=False)
     if entry.traceback:
-        console.print(f"[bold]traceback[/bold]:\n{entry.traceback}", markup=True)
+        console.print(f"traceback:\n{entry.traceback}", markup=False, highlight=False)
 
 
 @dlq_app.command("replay")
 def dlq_replay(
     dead_letter_id: Annotated[str | None, typer.Argument(metavar="[ID]")] = None,
     replay_all: Annotated[
-        bool, typer.Option("--all", help="Replay every dead letter.")
+        bool,
+        typer.Option(
+            "--all", help="Replay every dead letter, in original publish order."
+        ),
     ] = False,
-    subscription: Annotated[
-        str | None, typer.Option("--subscription", "-s", help="With --all: one group.")
-    ] = None,
+    subscription: SubscriptionOption = None,
+    channel: ChannelOption = None,
     redis: RedisOption = "memory://",
     prefix: PrefixOption = "hivebus",
 ) -> None:
-    """Deliver dead letters to their subscription again, attempts reset."""
+    """Deliver dead letters to their subscription again, with attempts reset.
+
+    Each event keeps its id. A dead letter is removed only once its
+    re-delivery is stored.
+    """
     if (dead_letter_id is None) == (not replay_all):
-        errors.print("error: give one dead-letter ID, or --all (not both)")
+        errors.print(
+            "error: give one dead-letter ID, or --all (not both); "
+            "`hivebus dlq list` prints the ids",
+            markup=False,
+        )
         raise typer.Exit(EXIT_USAGE)
-    bus = make_bus(redis, prefix)
+    if dead_letter_id is not None and (subscription or channel):
+        errors.print(
+            "error: --subscription and --channel only apply with --all", markup=False
+        )
+        raise typer.Exit(EXIT_USAGE)
 
-    async def go() -> int:
-        await bus.connect()
-        try:
-            if dead_letter_id is not None:
-                await bus.dlq.replay(dead_letter_id)
-                return 1
-            return len(await bus.dlq.replay_all(subscription=subscription))
-        finally:
-            await bus.stop()
+    async def replay(bus: Bus) -> list[DeadLetterEntry]:
+        if dead_letter_id is not None:
+            return [await bus.dlq.replay(dead_letter_id)]
+        return await bus.dlq.replay_all(channel=channel, subscription=subscription)
 
-    console.print(f"replayed {run(go)} dead letter(s)")
+    replayed = _with_bus(redis, prefix, replay)
+    for entry in replayed:
+        console.print(
+            f"replayed {entry.id} event_id={entry.event_id or '-'} "
+            f"subscription={entry.channel}/{entry.subscription}",
+            markup=False,
+            highlight=False,
+        )
+    console.print(f"replayed {len(replayed)} dead letter(s)", highlight=False)
 
 
 @dlq_app.command("purge")
@@ -137,21 +190,30 @@ def dlq_purge(
     older_than: Annotated[
         str | None,
         typer.Option(
-            "--older-than", help="Only entries older than this: 30s, 15m, 12h or 7d."
+            "--older-than",
+            help="Only entries dead-lettered longer ago than this: 30s, 15m, 12h "
+            "or 7d.",
         ),
     ] = None,
+    subscription: SubscriptionOption = None,
+    channel: ChannelOption = None,
     redis: RedisOption = "memory://",
     prefix: PrefixOption = "hivebus",
 ) -> None:
-    """Delete dead letters, all of them or those older than a duration."""
+    """Delete dead letters: all of them, or those older than a duration."""
     seconds = parse_duration(older_than) if older_than else None
-    bus = make_bus(redis, prefix)
+    removed = _with_bus(
+        redis,
+        prefix,
+        lambda bus: bus.dlq.purge(
+            older_than=seconds, channel=channel, subscription=subscription
+        ),
+    )
+    console.print(f"purged {removed} dead letter(s)", highlight=False)
 
-    async def go() -> int:
-        await bus.connect()
-        try:
-            return await bus.dlq.purge(older_than=seconds)
-        finally:
-            await bus.stop()
 
-    console.print(f"purged {run(go)} dead letter(s)")
+def _time(ms: int) -> str:
+    if ms <= 0:
+        return "-"
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")

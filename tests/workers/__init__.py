@@ -1,0 +1,1 @@
+"""Worker processes for fault-injection tests, and the helpers that run them."""
