@@ -424,8 +424,8 @@ def _fields(
         "error": str(error)[:MAX_TEXT] if error else "",
         "traceback": short_traceback(error),
         "attempts": failure.attempts,
-        "first_failure_ms": failure.first_failure_ms or now_ms,
-        "last_failure_ms": now_ms,
+        "first_failure_ms": failure.first_failure_ms,
+        "last_failure_ms": now_ms,  # replaced by the server's TIME in the script
         "event_id": str(event.get("id", "")),
         "event_type": str(event.get("type", "")),
         "source": str(event.get("source", "")),

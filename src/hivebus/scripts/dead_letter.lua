@@ -10,9 +10,17 @@
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local cutoff = math.max(0, now_ms - tonumber(ARGV[3]))
+-- Failure times come from the server clock, so dead letters written by hosts
+-- with skewed clocks still sort in the order they happened. A first failure
+-- time of 0 means "this one".
 local fields = {}
-for i = 4, #ARGV do
-  fields[#fields + 1] = ARGV[i]
+for i = 4, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  if name == 'last_failure_ms' or (name == 'first_failure_ms' and value == '0') then
+    value = tostring(now_ms)
+  end
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('XTRIM', KEYS[1], 'MINID', cutoff .. '-0')
