@@ -1,8 +1,11 @@
-"""Shared pieces of the benchmark scripts: payload, key prefix, timing, tables.
+"""Shared pieces of the benchmark scripts: key prefix, timing, tables, children.
 
 Every script runs against the Redis at ``HIVEBUS_BENCH_REDIS_URL`` (default
 ``redis://127.0.0.1:6379/0``), writes only keys under a prefix of its own,
 deletes them at the end, and stops itself after ``--timeout`` seconds.
+
+This module imports neither hivebus nor pydantic, so that a raw redis-py
+child process that imports it has the peak RSS of a plain redis-py program.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import json
 import os
 import platform
 import re
-import resource
 import secrets
 import signal
 import statistics
@@ -25,57 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
-
-from hivebus import Bus, codec
 
 REDIS_URL = os.environ.get("HIVEBUS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-EVENT_TYPE = "bench.order"
 ONE_DAY_MS = 24 * 60 * 60 * 1000
-
-
-class Order(BaseModel):
-    """The benchmark payload; its encoded event is about 300 bytes."""
-
-    order_id: str
-    customer: str
-    sku: str
-    quantity: int
-    total: float
-    note: str
-
-
-def order(number: int) -> Order:
-    """Return the payload of event ``number``."""
-    return Order(
-        order_id=f"o-{number:010d}",
-        customer="c-1234567",
-        sku="sku-abcdef",
-        quantity=3,
-        total=99.5,
-        note="n" * 28,
-    )
 
 
 def new_prefix(name: str) -> str:
     """Return a key prefix that no other run or engineer uses."""
     return f"hbbench-{name}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def make_bus(prefix: str, **overrides: Any) -> Bus:
-    """Return a bus on the benchmark Redis with the ``Order`` type registered."""
-    bus = Bus(REDIS_URL, prefix=prefix, service="bench", **overrides)
-    bus.types.register(EVENT_TYPE, Order)
-    return bus
-
-
-def encoded_event(bus: Bus, number: int = 0) -> bytes:
-    """Return the JSON body hivebus stores for event ``number``.
-
-    The raw redis-py variants send this same body, so both sides move the
-    same bytes.
-    """
-    return codec.encode(bus.event(order(number)), bus.settings.max_event_bytes)
 
 
 def raw_client() -> aioredis.Redis:
@@ -97,14 +56,23 @@ def limit_run_time(seconds: float) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Return this process's peak resident set size in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Return this process's peak resident set size in MiB (VmHWM).
+
+    ``getrusage``'s ``ru_maxrss`` would carry over the parent's RSS through
+    fork and exec, so a child started by a big parent would look big too.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    msg = "no VmHWM line in /proc/self/status; peak RSS needs Linux"
+    raise RuntimeError(msg)
 
 
 async def rate(
     operation: Callable[[int], Awaitable[Any]], seconds: float, per_call: int = 1
 ) -> float:
-    """Call ``operation(i)`` in sequence for ``seconds`` and return events per second."""
+    """Call ``operation(i)`` in turn for ``seconds``; return events per second."""
     loop = asyncio.get_running_loop()
     calls = 0
     start = loop.time()
@@ -117,33 +85,49 @@ async def rate(
 
 async def alternate(
     variants: dict[str, Callable[[], Awaitable[float]]], rounds: int
-) -> dict[str, float]:
-    """Run each variant once per round, in turn, and return its median result.
+) -> dict[str, list[float]]:
+    """Run each variant once per round and return every round's result.
 
     Taking turns spreads the noise of a shared machine over every variant
-    instead of letting it land on whichever runs last.
+    instead of letting it land on whichever runs last; the order flips
+    every round so that no variant always runs first.
     """
     results: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
     for _ in range(rounds):
-        for name, measure in variants.items():
-            results[name].append(await measure())
-    return {name: statistics.median(values) for name, values in results.items()}
+        for name in order:
+            results[name].append(await variants[name]())
+        order.reverse()
+    return results
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One line of a result table: hivebus against raw redis-py."""
+    """One line of a result table: hivebus against raw redis-py, per round.
+
+    ``hivebus`` and ``raw`` hold one result per round, measured back to back,
+    so each round's ratio compares the two under the same machine load.
+    """
 
     name: str
-    hivebus: float
-    raw: float
+    hivebus: list[float]
+    raw: list[float]
     unit: str
     target: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def ratios(self) -> list[float]:
+        """hivebus's result as a share of raw's, one per round."""
+        pairs = zip(self.hivebus, self.raw, strict=True)
+        if self.higher_is_better:
+            return [h / r for h, r in pairs]
+        return [r / h for h, r in pairs]
 
     @property
     def ratio(self) -> float:
-        """hivebus's result divided by raw's."""
-        return self.hivebus / self.raw if self.raw else float("nan")
+        """The median of the per-round ratios."""
+        return statistics.median(self.ratios)
 
     @property
     def verdict(self) -> str:
@@ -154,16 +138,25 @@ class Row:
 
 
 def print_table(title: str, rows: Sequence[Row]) -> None:
-    """Print ``rows`` as a Markdown table under ``title``."""
+    """Print ``rows`` as a Markdown table under ``title``, medians over rounds."""
     print(f"\n{title}\n")
-    print("| benchmark | hivebus | raw redis-py | unit | ratio | target | result |")
+    print(
+        "| benchmark | hivebus | raw redis-py | unit | hivebus/raw "
+        "(min-max) | target | result |"
+    )
     print("| --- | ---: | ---: | --- | ---: | ---: | --- |")
     for row in rows:
         target = f">= {row.target:.0%}" if row.target is not None else "-"
+        spread = f"{min(row.ratios):.0%}-{max(row.ratios):.0%}"
         print(
-            f"| {row.name} | {row.hivebus:,.0f} | {row.raw:,.0f} | {row.unit} "
-            f"| {row.ratio:.0%} | {target} | {row.verdict} |"
+            f"| {row.name} | {_number(statistics.median(row.hivebus))} "
+            f"| {_number(statistics.median(row.raw))} | {row.unit} "
+            f"| {row.ratio:.0%} ({spread}) | {target} | {row.verdict} |"
         )
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
 
 
 def _command_output(command: Sequence[str]) -> str:

@@ -1,10 +1,10 @@
 """Scripted brains for team tests, and a worker process that runs one role with them.
 
 Run a role in its own process with ``python -m tests.team_harness --role ROLE
---redis URL --prefix P --brain NAME``. Every brain here wraps the offline
-brain and appends one JSON line per request to ``--log`` before answering,
-so a test counts the requests a model would have received, including those
-of a process it killed mid-call.
+--redis URL --prefix P [--log FILE] [--slow JSON] [--failing-tester]``. The
+brain wraps the offline brain and appends one JSON line per request to
+``--log`` before replying, so a test counts the requests a model would have
+received, including those of a process it killed mid-call.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class ScriptedBrain:
     """The offline brain, with a request log and optional scripted behaviour.
 
     Args:
-        log: file that gets one JSON line per request, written before the answer.
+        log: file that gets one JSON line per request, written before the reply.
         slow: ``{"developer:S2": 5.0}`` delays those requests by that many seconds.
         failing_tester: the tester fails every story, with a new finding each round.
         broken_roles: roles whose requests raise ``BrainReplyError``.
@@ -59,7 +59,7 @@ class ScriptedBrain:
         self._rounds: dict[str, int] = {}
 
     async def think(self, ask: Ask[ModelT]) -> Thought[ModelT]:
-        """Log the request, wait if scripted to, then answer like the offline brain."""
+        """Log the request, wait if scripted to, then reply like the offline brain."""
         self.asks.append(ask)
         self._write(ask)
         delay = self.slow.get(f"{ask.role}:{ask.story_key}", 0.0)

@@ -69,7 +69,10 @@ def records_since(
 
 def assert_one_line_per_step(records: list[logging.LogRecord], steps: int) -> None:
     """Check that error lines count up their attempt, one line per backoff step."""
-    attempts = [int(ATTEMPT.search(r.getMessage()).group(1)) for r in records]  # type: ignore[union-attr]
+    messages = [r.getMessage() for r in records]
+    matches = [ATTEMPT.search(message) for message in messages]
+    assert None not in matches, messages
+    attempts = [int(match.group(1)) for match in matches if match is not None]
     assert attempts == list(range(attempts[0], attempts[0] + len(attempts)))
     assert len(records) <= steps
 

@@ -146,6 +146,21 @@ async def test_unknown_request_type_raises_remote(make_bus: Any) -> None:
             await caller.request("echo", "nope", {}, raw=True)
 
 
+async def test_unencodable_response_raises_remote(make_bus: Any) -> None:
+    responder = make_bus(service="odd")
+
+    @responder.responder("odd")
+    async def odd(request: Event[Any]) -> Any:
+        return {"when": object()}
+
+    caller = make_bus(service="caller")
+    async with responder, caller:
+        with pytest.raises(RemoteError) as caught:
+            await caller.request("odd", "odd", {}, raw=True)
+    assert caught.value.service == "odd"
+    assert "object" in caught.value.remote_message
+
+
 async def test_none_response_returns_none(make_bus: Any) -> None:
     responder = make_bus(service="sink")
 
@@ -305,7 +320,10 @@ async def test_cancelled_requests_leave_nothing(
         if backend == "redis":
             # Only the reply listener's Pub/Sub connection stays checked out.
             pool = caller.client.connection_pool
-            assert len(pool._in_use_connections) <= 1
+            await eventually(
+                lambda: len(pool._in_use_connections) <= 1,
+                what="pooled connections returned",
+            )
         for n in range(20):
             started = time.monotonic()
             response = await caller.request("echo", "echo", {"n": n}, raw=True)

@@ -328,3 +328,23 @@ async def test_dead_letter_fails_task(make_bus: Any) -> None:
     assert "team.story.assigned event on team.work.tester was dead-lettered" in (
         final.reason or ""
     )
+
+
+async def test_late_designer_still_completes(make_bus: Any) -> None:
+    roles = ("master", "pm", "developer", "tester")
+    async with team_on(make_bus, ScriptedBrain(), roles=roles) as team:
+        task_id = await team.client.submit(TASK)
+
+        async def story_passed() -> bool:
+            state = await team.client.store.story(task_id, "S1")
+            return state.get("status") == "passed"
+
+        await eventually(story_passed, timeout=DEADLINE, what="S1 passed")
+        waiting = await team.client.get(task_id)
+        async with team_on(make_bus, ScriptedBrain(), roles=["ux"]):
+            final = await finish(team.client, task_id)
+        report = await build_report(team.client, task_id)
+
+    assert waiting.status == "running"
+    assert final.status == "completed"
+    assert report["stories"][0]["design"] is not None

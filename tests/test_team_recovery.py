@@ -79,6 +79,12 @@ def kill(process: Any) -> None:
     process.wait(timeout=10)
 
 
+async def open_work(client: TaskClient, task_id: str, key: str) -> list[Any]:
+    """Return the open work of one story, as ``tasks show`` reports it."""
+    report = await build_report(client, task_id)
+    return next(s["open_work"] for s in report["stories"] if s["key"] == key)
+
+
 def events_of(report: dict[str, Any], event_type: str, subject: str) -> list[Any]:
     return [
         event
@@ -95,13 +101,25 @@ async def test_developer_killed_mid_story(workers: Workers, client: TaskClient) 
     )
     task_id = await client.submit(TASK)
     await wait_request(workers, "dev-a", "developer", "S2")
+    working = await open_work(client, task_id, "S2")
     kill(first)
+
+    async def waiting() -> bool:
+        work = await open_work(client, task_id, "S2")
+        return [w["state"] for w in work] == ["waiting"]
+
+    await eventually(waiting, timeout=CLAIM + 5, what="S2 shown as waiting")
+    waited = await open_work(client, task_id, "S2")
     workers.scripted("developer", "dev-b", claim=CLAIM)
     final = await finish(client, task_id)
     report = await build_report(client, task_id)
     requests = read_log(workers.log("dev-a")) + read_log(workers.log("dev-b"))
     story = next(s for s in report["stories"] if s["key"] == "S2")
 
+    assert [(w["role"], w["state"]) for w in working] == [("developer", "working")]
+    assert waited[0]["role"] == "developer"
+    assert waited[0]["seconds"] is not None
+    assert "worker" not in waited[0]
     assert final.status == "completed"
     assert story["status"] == "passed"
     implemented = events_of(report, "team.implementation.done", "S2")

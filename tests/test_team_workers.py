@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -178,3 +179,41 @@ async def test_ten_tasks_two_developers(
         if call["role"] == "developer"
     )
     assert len(requests) == developer_calls
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_follow_reattaches_after_interrupt(
+    workers: Workers, client: TaskClient, team_prefix: str
+) -> None:
+    for role in ("master", "pm", "ux", "tester"):
+        workers.cli(role)
+    workers.scripted("developer", "dev", slow={"developer:S1": 3})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "hivebus.cli", "submit", TASK),
+        *("--redis", REDIS_URL, "--prefix", team_prefix),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    first = (await process.stdout.readline()).decode()
+    task_id = first.split()[1]
+    seen = [(await process.stdout.readline()).decode() for _ in range(3)]
+    process.send_signal(signal.SIGINT)
+    rest, err = await asyncio.wait_for(process.communicate(), DEADLINE)
+    printed = seen + rest.decode().splitlines(keepends=True)
+    last_id = printed[-1].split()[0]
+    code, out, _ = await hivebus(
+        team_prefix, "tasks", "follow", task_id, "--from", last_id
+    )
+    stored = await client.progress.entries(task_id)
+    ids = [line.split()[0] for line in printed + out.splitlines(keepends=True)]
+
+    assert first == f"task {task_id} submitted\n"
+    assert process.returncode == 130
+    assert f"hivebus tasks follow {task_id} --from {last_id}" in err.decode()
+    assert code == 0
+    assert ids == [update.id for update in stored]
+    assert stored[-1].status == "completed"

@@ -94,6 +94,7 @@ async def test_handler_span_child_across_processes(
     )
     bus = Bus(REDIS_URL, prefix=prefix, service="publisher")
     tracer, exporter = local_tracer()
+
     try:
         assert handler.stdout is not None
         ready = await asyncio.wait_for(handler.stdout.readline(), timeout=30)
@@ -111,11 +112,13 @@ async def test_handler_span_child_across_processes(
             handler.kill()
             await handler.wait()
         await delete_prefix(raw_redis, prefix)
+
     assert handler.returncode == 0, errors.decode()
     follow_up = Event[Any].model_validate_json(rows[0][1][b"e"])
     [publisher_span] = exporter.get_finished_spans()
     spans = json.loads(output.decode().strip().splitlines()[-1])
     [handler_span] = [s for s in spans if s["kind"] == "CONSUMER"]
+
     assert published.traceparent is not None
     assert parse_traceparent(published.traceparent) == (
         publisher_span.context.trace_id,

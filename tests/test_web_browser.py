@@ -1,9 +1,9 @@
 """The dashboard in headless Chromium: submit a task, watch it, replay a dead letter.
 
 Screenshots of each page go to docs/screenshots/, for docs/dashboard.md.
-The test needs Debian's Chromium at /usr/bin/chromium (scripts/test installs
-it when it can) and drives it with Playwright's Python package; it never
-downloads a browser of its own.
+The test needs Debian's Chromium at /usr/bin/chromium, which scripts/test
+installs when it can. Playwright's Python package drives it, and no browser
+of Playwright's own is downloaded.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-WAIT_MS = 30_000  # longest wait for a page to show a state, in milliseconds
+WAIT_MS = 30_000  # maximum wait for a page to show a state, in milliseconds
 
 pytestmark = [
     pytest.mark.redis_only,

@@ -25,22 +25,22 @@ pattern                                   type    TTL         written by
 ``P:ctx:metrics``                         hash    none        context manager, caches
 ``P:ctx:sizes``                           zset    none        context manager (bytes)
 ``P:stats``                               hash    none        publisher counters
-``P:task:{ID}``                           hash    none        team task state
-``P:task:{ID}:end``                       string  none        whoever ends the task
-``P:task:{ID}:steps``                     hash    none        master (step owners)
-``P:task:{ID}:plans``                     hash    none        master (plan versions)
+``P:task:{ID}``                           hash    none        client, master, task end
+``P:task:{ID}:end``                       string  none        task end (written once)
+``P:task:{ID}:steps``                     hash    none        master, pm (step owners)
+``P:task:{ID}:plans``                     hash    none        master, pm (plans)
 ``P:task:{ID}:stories:VERSION``           hash    none        master (plan's stories)
-``P:task:{ID}:story:KEY``                 hash    none        master (round, verdict)
+``P:task:{ID}:story:KEY``                 hash    none        master, workers (rounds)
 ``P:task:{ID}:board``                     hash    none        master (role states)
-``P:task:{ID}:progress``                  stream  none        master, task ends
-``P:task:{ID}:events``                    list    none        team (the event tree)
-``P:task:{ID}:calls``                     list    none        agents (brain calls)
-``P:task:{ID}:tokens``                    hash    none        agents (tokens by role)
+``P:task:{ID}:progress``                  stream  none        master, client, task end
+``P:task:{ID}:events``                    list    none        team, client (event tree)
+``P:task:{ID}:calls``                     list    none        team (brain calls)
+``P:task:{ID}:tokens``                    hash    none        team (tokens by role)
 ``P:task:{ID}:prompts``                   list    none        master (prompt changes)
-``P:task:{ID}:lease:ITEM``                string  lease       agent holding the work
-``P:tasks``                               zset    none        submitters (by time)
-``P:tasks:awaiting``                      zset    none        master (approval due)
-``P:project:{NAME}``                      hash    none        project-wide context
+``P:task:{ID}:dead``                      list    none        master (dead letters)
+``P:task:{ID}:lease:ITEM``                string  lease       worker doing the item
+``P:tasks``                               zset    none        client (by submit time)
+``P:tasks:awaiting``                      zset    none        master, client (deadline)
 ``P:prompt:{ROLE}``                       hash    none        prompt store (latest, pin)
 ``P:prompt:{ROLE}:v:VERSION``             string  none        prompt store (JSON)
 ========================================  ======  ==========  ======================
@@ -205,10 +205,6 @@ class Keys:
     def tasks_awaiting(self) -> str:
         """Sorted set of tasks awaiting plan approval, scored by their deadline."""
         return f"{self.prefix}:tasks:awaiting"
-
-    def project(self, name: str) -> str:
-        """Return the hash of a project-wide context kept by the team."""
-        return f"{self.prefix}:project:{{{name}}}"
 
     def prompt(self, role: str) -> str:
         """Return the hash of a role prompt's latest version number and pin."""

@@ -5,10 +5,11 @@ The bus calls the hook functions below as events flow: ``published``,
 and ``context_cache``. Each hook updates this process's prometheus-client
 metrics in the default registry, so any exporter of that registry shows
 them. The event counters also gather in memory and a background task adds
-them to the ``P:stats`` hash, so that the dashboard can show totals over
-every process on one Redis. A hook never waits for Redis: counts made while
-a write is in flight go out with the next one, and counts that cannot be
-written while Redis is unreachable are kept and written later.
+them to the ``P:stats`` hash about once a second, so that the dashboard
+can show totals over every process on one Redis. A hook never waits for
+Redis: counts made while a write is in flight go out with the next one, and
+counts that cannot be written while Redis is unreachable are kept and
+written later. ``close`` writes what is left when a bus stops.
 
 ``render`` returns the text that the dashboard serves at ``/metrics``: this
 process's metrics, followed by the shared counters and breaker states read
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 # Handlers range from sub-millisecond bookkeeping to model calls of minutes.
 HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Counts gather for this long before one write adds them all, so a busy
+# process costs Redis about one pipeline a second for its counters.
+WRITE_INTERVAL = 1.0
 WRITE_RETRY_DELAY = 5.0  # seconds before counts are written again after a failure
 BREAKER_STATES = ("closed", "open", "half_open")
 
@@ -98,6 +102,7 @@ class _Share:
     counts: Counter[str] = field(default_factory=Counter)
     seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     writer: asyncio.Task[None] | None = None
+    waiting: bool = False
     retry_at: float = 0.0
     failing: bool = False
 
@@ -117,7 +122,15 @@ class _Share:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # counted outside a loop: written with the next count or close
-        self.writer = loop.create_task(self.write(), name="hivebus-metrics-writer")
+        self.writer = loop.create_task(self._write_later(), name="hivebus-metrics")
+
+    async def _write_later(self) -> None:
+        self.waiting = True
+        try:
+            await asyncio.sleep(WRITE_INTERVAL)
+        finally:
+            self.waiting = False
+        await self.write()
 
     async def write(self) -> None:
         """Add the gathered counts to the shared hash until none are left."""
@@ -179,6 +192,8 @@ async def close(client: Redis | None) -> None:
     if share is None or share.client is not client:
         return
     if share.writer is not None:
+        if share.waiting:
+            share.writer.cancel()  # a write in flight is left to finish
         await asyncio.gather(share.writer, return_exceptions=True)
     await share.write()
 

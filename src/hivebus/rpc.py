@@ -2,22 +2,29 @@
 
 A request is an event on the target service's durable request channel,
 ``rpc.SERVICE``, read by that service's consumer group. Besides the payload
-it carries a correlation id, the reply address, the caller's context id and
-version, and a deadline in epoch milliseconds on the Redis server's clock
-(each process measures its offset from ``TIME``, so hosts with skewed clocks
-agree on it).
+it carries its correlation id (the request's own event id), the reply
+address, the caller's context id and version, and a deadline in epoch
+milliseconds on the Redis server's clock. Each process measures its offset
+from the server's ``TIME`` at start and every five minutes, so hosts whose
+clocks disagree still agree on the deadline.
 
 Replies come back on Pub/Sub. Each process has one reply channel,
 ``P:reply:PROCESS``, subscribed once by a listener task that routes each
 reply to the waiting call by correlation id. A call removes its pending
 entry in ``finally``, whatever ends it: the reply, the deadline or a
 cancellation. A reply with no pending call (it came after the caller gave
-up) is dropped and counted in ``Requester.late_replies``.
+up) is dropped and counted in ``Requester.late_replies``. A reply published
+while the listener is reconnecting is lost, and its call times out.
 
 The responder skips a request that is past its deadline when it reaches
 the front of the queue, and by default cancels a handler that is still
 running at the deadline. A handler's exception goes back to the caller as
-``RemoteError``.
+``RemoteError``. Replies are stored by id, like every event, and written in
+batches by ``ReplyWriter``.
+
+Both ends live in this one module, past the usual 400 lines, because they
+share the wire format: the request channel, the reply types and the
+deadline rule.
 """
 
 from __future__ import annotations
@@ -38,13 +45,12 @@ from hivebus.connection import TRANSIENT_ERRORS, Backoff, Redis
 from hivebus.errors import (
     ConfigError,
     DeadLetter,
-    HivebusError,
     InvalidEventError,
     RemoteError,
     RequestTimeoutError,
     SchemaError,
 )
-from hivebus.events import TYPE_PATTERN, Event, new_event_id
+from hivebus.events import TYPE_PATTERN, Event
 from hivebus.keys import check_name
 from hivebus.retry import RetryPolicy
 
@@ -160,7 +166,7 @@ class Requester:
         Args:
             timeout: seconds until the deadline, for sending and the reply;
                 the responder drops the request once the deadline passes.
-            context: the context the request is made in; the responder sees
+            context: the context the request is made in; the responder gets
                 that version of it or a newer one.
             response_model: validate the response into this model. Otherwise
                 a response of a type registered on this bus becomes its model
@@ -176,12 +182,10 @@ class Requester:
             msg = f"`timeout` must be above 0 seconds, got {timeout!r}"
             raise ConfigError(msg)
         channel = request_channel(service)
-        correlation_id = new_event_id()
         event = self._bus.event(
             data,
             type=type,
             raw=raw,
-            correlation_id=correlation_id,
             reply_to=self.channel,
             context_id=context.id if context is not None else None,
             context_version=context.version if context is not None else None,
@@ -194,14 +198,15 @@ class Requester:
     ) -> Event[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Event[Any]] = loop.create_future()
-        correlation_id = event.correlationid or ""
+        correlation_id = event.id  # unique already, so no second id is made
         self._pending[correlation_id] = future
         try:
             async with asyncio.timeout(timeout):
                 await self._bus.connect()
                 await self._listening()
                 deadline = int(self.clock.now_ms() + timeout * 1000)
-                event = event.model_copy(update={"deadline": deadline})
+                update = {"correlationid": correlation_id, "deadline": deadline}
+                event = event.model_copy(update=update)
                 await self._bus.publish(channel, event, durable=True)
                 self.sent += 1
                 return await future
@@ -374,7 +379,7 @@ class Responders:
         cancel_at_deadline: bool = True,
         concurrency: int | None = None,
     ) -> Callable[[ResponderT], ResponderT]:
-        """Return a decorator that makes an async function answer ``type``.
+        """Return a decorator that makes an async function respond to ``type``.
 
         The function takes the request event, and the request's context as a
         second argument if it declares one, and returns the response: a
@@ -440,7 +445,7 @@ class Responders:
         )(self.handle)
 
     async def handle(self, request: Event[Any]) -> None:
-        """Answer one request; the durable consumer calls this for each entry."""
+        """Handle one request; the durable consumer calls this for each entry."""
         reply_to = self._reply_address(request)
         remaining = await self._remaining(request)
         if remaining is not None and remaining <= 0:
@@ -542,7 +547,12 @@ class Responders:
         reply = self._reply_event(request, result, error)
         try:
             body = codec.encode(reply, self.bus.settings.max_event_bytes)
-        except HivebusError as exc:
+        except Exception as exc:  # too large, or not JSON: the caller gets why
+            logger.info(
+                "response cannot be encoded, error sent instead event_id=%s error=%r",
+                request.id,
+                exc,
+            )
             reply = self._reply_event(request, None, exc)
             body = codec.encode(reply, self.bus.settings.max_event_bytes)
         try:
@@ -598,11 +608,11 @@ class ReplyWriter:
     """Write replies on a connection of their own, coalescing concurrent ones.
 
     A reply sent while no write is in flight goes out at once from the
-    handler's task; replies sent meanwhile wait and go out together in the
-    next write, made by a writer task. Each reply is one SET (the stored copy,
-    with the event TTL) and one PUBLISH. Commands are packed and read on one
-    connection, because redis-py's pipeline and blocking pool cost about as
-    much CPU per reply as the round trip they would save.
+    handler's task. Replies sent during a write wait, and a writer task sends
+    them together in the next one. Each reply is one SET (the stored copy,
+    with the event TTL) and one PUBLISH. The commands are packed by hand and
+    read on one connection, which skips the CPU that redis-py's pipeline and
+    blocking pool spend on every call.
     """
 
     def __init__(self, bus: Bus) -> None:

@@ -21,7 +21,7 @@ from hivebus.cli.common import (
 
 @app.command()
 def request(
-    service: Annotated[str, typer.Argument(help="Service that answers the request.")],
+    service: Annotated[str, typer.Argument(help="Service that handles the request.")],
     request_type: Annotated[
         str, typer.Argument(metavar="TYPE", help="Request event type.")
     ],

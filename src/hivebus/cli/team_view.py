@@ -1,7 +1,8 @@
-"""How the team commands show progress: live bars, progress lines and the summary."""
+"""Progress output of the team commands: live bars, progress lines, the summary."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from hivebus.cli.common import console
+from hivebus.cli.common import EXIT_ERROR, EXIT_OK, console, errors
+from hivebus.team.client import TaskClient
 from hivebus.team.models import ProgressUpdate
 
 STATE_PERCENT = {
@@ -48,7 +50,7 @@ class LiveBoard:
         self.progress.stop()
 
     def apply(self, update: ProgressUpdate) -> None:
-        """Move the bars to what ``update`` says."""
+        """Move the bars to the states in ``update``."""
         state = update.status if update.kind != "task" else update.message[:60]
         self.progress.update(self.total, completed=update.percent, state=state)
         if update.kind == "role" and update.role is not None:
@@ -89,6 +91,7 @@ def print_update(update: ProgressUpdate, as_json: bool) -> None:
         f"{update.id}  {update.percent:3d}%  {update.message}",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -123,31 +126,53 @@ def print_summary(report: dict[str, Any], paths: tuple[Path, Path]) -> None:
     """Print the end-of-run summary for a person."""
     data = summary(report, paths)
     reason = f": {data['reason']}" if data["reason"] else ""
-    console.print(
-        f"\ntask {data['task_id']} {data['status']}{reason}",
-        markup=False,
-        highlight=False,
-    )
+    lines = [f"\ntask {data['task_id']} {data['status']}{reason}"]
     for story in data["stories"]:
-        console.print(
+        lines.append(
             f"  {story['key']} {story['status']} after {story['rounds']} round(s): "
-            f"{story['title']}",
-            markup=False,
-            highlight=False,
+            f"{story['title']}"
         )
-    console.print(
-        f"test rounds: {data['test_rounds']} ({data['failed_test_rounds']} failed)",
-        highlight=False,
-    )
+
+    failed = data["failed_test_rounds"]
+    lines.append(f"test rounds: {data['test_rounds']} ({failed} failed)")
     for change in data["prompt_changes"]:
-        console.print(
-            f"prompt change: {change['role']} v{change['version']}: {change['reason']}",
-            markup=False,
-            highlight=False,
-        )
+        version = f"{change['role']} v{change['version']}"
+        lines.append(f"prompt change: {version}: {change['reason']}")
     if not data["prompt_changes"]:
-        console.print("prompt changes: none", highlight=False)
-    total = data["tokens"].get("task", {}).get("total", 0)
-    console.print(f"tokens: {total}", highlight=False)
-    console.print(f"time taken: {data['seconds']:.1f}s", highlight=False)
-    console.print(f"report: {paths[0]} and {paths[1]}", markup=False, highlight=False)
+        lines.append("prompt changes: none")
+
+    tokens = data["tokens"]
+    estimated = sum(v.get("estimated", 0) for k, v in tokens.items() if k != "task")
+    total = tokens.get("task", {}).get("total", 0)
+    lines.append(f"tokens: {total} ({estimated} of them estimated)")
+    lines.append(f"time taken: {data['seconds']:.1f}s")
+    lines.append(f"report: {paths[0]} and {paths[1]}")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def exit_code(final: ProgressUpdate | None) -> int:
+    """Return 0 if the task completed, else 1 (failed, cancelled or still running)."""
+    return EXIT_OK if final is not None and final.status == "completed" else EXIT_ERROR
+
+
+async def follow_task(
+    client: TaskClient, task_id: str, after: str, *, as_json: bool
+) -> ProgressUpdate | None:
+    """Print a task's progress until its final update; return that update."""
+    last = after
+    try:
+        async for update in client.follow(task_id, after):
+            last = update.id
+            print_update(update, as_json)
+            if update.final:
+                return update
+    except asyncio.CancelledError:
+        errors.print(
+            f"stopped following; re-attach with: hivebus tasks follow {task_id} "
+            f"--from {last}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise
+    return await client.progress.ending(task_id)

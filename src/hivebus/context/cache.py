@@ -4,7 +4,7 @@ Three things keep a cached context from being served stale:
 
 - a read that names a version (``min_version``, as a request's
   ``contextversion`` does) fetches the context when the cached one is older,
-  so a handler never sees a context older than its request names;
+  so a handler never gets a context older than its request names;
 - a ``hivebus.context.status`` event for a newer version drops the entry;
 - an entry older than ``max_age`` seconds is fetched again, which bounds
   staleness when status events are missed (Pub/Sub is at most once).

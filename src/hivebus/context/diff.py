@@ -35,5 +35,5 @@ def _compare(
 
 
 def _pointer(path: str, key: str) -> str:
-    """Append ``key`` to a JSON Pointer, escaping '~' and '/' as RFC 6901 says."""
+    """Append ``key`` to a JSON Pointer, escaping '~' and '/' (RFC 6901)."""
     return f"{path}/{key.replace('~', '~0').replace('/', '~1')}"

@@ -2,7 +2,7 @@
 
 Counting a cache hit must not cost a round trip, or the cache would be
 pointless. Counts therefore gather in memory, and one background write adds
-them to the ``P:ctx:metrics`` hash; counts made while that write is in
+them to the ``P:ctx:metrics`` hash. Counts made while that write is in
 flight go out in the next one. ``flush`` writes what is left.
 """
 

@@ -1,4 +1,4 @@
-"""What the context manager returns: a context version, a diff, a status event."""
+"""Models of the context manager: a context version, a diff, a status event."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class ValueChange(BaseModel):
 
 
 class ContextDiff(BaseModel):
-    """What changed from one version of a context to another.
+    """The changes from one version of a context to another.
 
     Keys are JSON Pointers (RFC 6901) into ``data``, such as ``/plan/steps``.
     Nested objects are compared key by key; lists and other values as a whole.

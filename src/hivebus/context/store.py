@@ -1,6 +1,6 @@
 """How contexts are laid out in Redis, and the atomic create and update steps.
 
-A context is a hash ``P:ctx:{ID}`` that holds its current version and the
+A context is a hash ``P:ctx:{ID}`` that contains its current version and the
 metadata fixed at creation. Every version, the current one included, is also
 written to ``P:ctx:{ID}:v:N`` with a TTL (the retention), so that history and
 diffs work for that long. Both keys share the hash tag ``{ID}``, so the Lua

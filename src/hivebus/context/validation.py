@@ -11,9 +11,10 @@ handler::
     async def on_story(event: Event[Story], context: Context | None) -> None: ...
 
 An invalid event is not handled: the guard adds it to the dead-letter queue
-with the reason, publishes a ``rejected`` context status and returns, so the
-consumer acks the entry. The dead letter is written before the ack, so a
-crash between the two can record the same event twice, but never lose it.
+with the reason, publishes a ``rejected`` context status and returns, and
+then the consumer acks the entry. The dead letter is written before the ack,
+so a crash between the two can record the same event twice but cannot lose
+it.
 """
 
 from __future__ import annotations

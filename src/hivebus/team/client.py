@@ -1,9 +1,9 @@
 """What a client does with team tasks: submit, follow, approve, reject, cancel, show.
 
 None of these needs a running team. A task submitted while no master runs
-waits in the ``team.tasks`` stream; approving, rejecting and cancelling
-change the task's state in Redis in one transaction (so two answers at
-once cannot both win) and then tell the master with an event.
+waits in the ``team.tasks`` stream. Approving, rejecting and cancelling
+change the task's state in Redis in one transaction, so that two decisions
+made at once cannot both win, and then notify the master with an event.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import WatchError
 
 from hivebus.bus import Bus
@@ -120,14 +120,18 @@ class TaskClient:
         """Store a new task, hand it to the master and return its id."""
         await self.bus.connect()
         task_id = new_event_id()
-        submitted = TaskSubmitted(
-            task_id=task_id,
-            text=text,
-            project=project,
-            approve_plan=approve_plan,
-            max_test_rounds=max_test_rounds,
-            token_budget=token_budget,
-        )
+        try:
+            submitted = TaskSubmitted(
+                task_id=task_id,
+                text=text,
+                project=project,
+                approve_plan=approve_plan,
+                max_test_rounds=max_test_rounds,
+                token_budget=token_budget,
+            )
+        except ValidationError as exc:
+            msg = f"invalid task: {_first_error(exc)}"
+            raise TaskError(msg) from None
         event = self.bus.event(submitted, correlation_id=task_id, subject=task_id)
         await self.store.create(submitted, event.id)
         update = ProgressUpdate(task_id=task_id, kind="task", message="task submitted")
@@ -275,6 +279,12 @@ class TaskClient:
         if final is None:
             raise TaskError(_ended_message(await self.store.get(task_id), "cancel"))
         return f"task {task_id}: cancelled"
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    return f"`{field}`: {error['msg']} (got {error.get('input')!r})"
 
 
 def _record(fields: dict[Any, Any], task_id: str) -> TaskRecord:

@@ -1,24 +1,26 @@
-"""The master: plans a task, assigns its stories, judges test rounds and ends it.
+"""The master: judges test rounds, ends tasks and learns from them.
 
-Flow of one task:
+It plans and assigns through ``Planner``, then:
 
-1. ``team.task.submitted``: plan (brain -> ``Plan``), publish the planning
-   event for the project manager.
-2. ``team.story.created``: collect the plan's stories. When the last one is
-   in, wait for approval (``--approve-plan``) or assign: implementation to
-   the developer, design to the UX designer for stories that need one.
-3. ``team.implementation.done``: send the implementation to the tester.
-4. ``team.test.reported``: a pass ends the story. A failure runs the prompt
-   analyser, then sends the findings back to the developer, up to the task's
-   ``max_test_rounds`` rounds (the first included); after the last failed
-   round the story fails.
-5. When every story has ended, the task ends: ``completed`` if all passed,
+1. ``team.implementation.done``: send the implementation to the tester.
+2. ``team.test.reported``: a pass ends the story. A failure runs the prompt
+   analyser, then sends the findings back to the developer, for at most the
+   task's ``max_test_rounds`` rounds (the first included). After the last
+   failed round the story fails.
+3. When every story has ended, the task ends: ``completed`` if all passed,
    else ``failed`` with a reason naming each failed story. After the end the
    analyser runs once more on the whole outcome.
 
-Round counts, plans and step owners live in Redis (``TaskStore``), so a
-master that restarts neither re-plans nor resets a round. Agent status
-events become progress updates on the task's progress stream.
+Model requests per task are at most: one master and one pm call per plan
+version, ``max_test_rounds`` developer and tester calls per story, and one
+UX call per story that needs a design. A brain may send more than one
+request per call (replies it rejects), and a call repeats when its worker
+dies before publishing the result.
+
+Round counts and accepted results live in Redis (``TaskStore``), so a
+master that restarts never resets a round. Agent status events become
+progress updates on the task's progress stream, and a dead-lettered team
+event fails its task instead of leaving it running.
 """
 
 from __future__ import annotations
@@ -26,262 +28,41 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from hivebus.errors import BrainError, HivebusError
+from hivebus.errors import HivebusError
 from hivebus.events import Event
 from hivebus.subscription import Delivery
-from hivebus.team.agents import Member, TaskStopped
 from hivebus.team.analyser import Analyser, RuleAnalyser, improve_prompts
-from hivebus.team.brain import CONTEXT, FEEDBACK, TASK
 from hivebus.team.learning import build_outcome
+from hivebus.team.member import Crew
 from hivebus.team.models import (
-    PLANNING_CHANNEL,
     AgentStatus,
-    Assignment,
     DesignDone,
     ImplementationDone,
-    PlanApproved,
-    PlanCreated,
-    PlanRejected,
     ProgressUpdate,
-    StoryCreated,
     TaskEnded,
-    TaskSubmitted,
     TestReported,
-    WorkerRole,
     WorkFailed,
-    work_channel,
 )
+from hivebus.team.planning import DAY, Planner, story_board
 from hivebus.team.progress import Board
 from hivebus.team.state import TaskRecord, now_ms
-from hivebus.team.work import Finding, Implementation, Plan, Role, Story
+from hivebus.team.work import Finding, Story
 
 logger = logging.getLogger(__name__)
 
-DAY = 24 * 60 * 60
 
-
-class Master(Member):
+class Master(Planner):
     """The master role: one instance per process, any number of processes."""
-
-    role: Role = "master"
 
     def __init__(
         self,
-        crew: Any,
+        crew: Crew,
         *,
         analyser: Analyser | None = None,
         approval_timeout: float = DAY,
     ) -> None:
-        super().__init__(crew)
+        super().__init__(crew, approval_timeout=approval_timeout)
         self.analyser = analyser or RuleAnalyser()
-        self.approval_timeout = approval_timeout
-
-    # -- planning --------------------------------------------------------
-
-    async def on_submitted(
-        self, event: Event[TaskSubmitted], delivery: Delivery
-    ) -> None:
-        """Plan a submitted task (version 1) and hand the plan to the pm."""
-        submitted = event.data
-        if await self.store.find(submitted.task_id) is None:
-            await self.store.create(submitted, event.id)
-        task = await self.active_task(submitted.task_id, event)
-        if task is None or not await self.store.claim(task.id, "plan:1", event.id):
-            return
-        try:
-            await self.crew.projects.start_task(task.project, task.id, event)
-        except HivebusError as exc:
-            logger.warning("project context not updated task=%s error=%s", task.id, exc)
-        await self._plan(task, 1, None, event, delivery)
-
-    async def _plan(
-        self,
-        task: TaskRecord,
-        version: int,
-        comment: str | None,
-        cause: Event[Any],
-        delivery: Delivery,
-    ) -> None:
-        await self.store.update(task.id, status="planning", plan_version=version)
-        await self.report(task.id, "started", cause, round=version)
-        try:
-            plan = await self._make_plan(task, version, comment, cause)
-        except TaskStopped:
-            return
-        except BrainError as exc:
-            await self.report(task.id, "failed", cause, round=version, detail=str(exc))
-            await self.end_task(task.id, "failed", f"planning failed: {exc}", cause.id)
-            return
-        detail = f"plan version {version}: {len(plan.steps)} steps"
-        await self.report(task.id, "done", cause, round=version, detail=detail)
-        created = PlanCreated(
-            task_id=task.id,
-            plan_version=version,
-            plan=plan,
-            text=task.text,
-            comment=comment,
-        )
-
-        async def publish() -> None:
-            await self.emit(PLANNING_CHANNEL, created, task_id=task.id, cause=cause.id)
-
-        await delivery.run_once(f"plan:{version}", publish)
-
-    async def _make_plan(
-        self, task: TaskRecord, version: int, comment: str | None, cause: Event[Any]
-    ) -> Plan:
-        stored = await self.store.plan(task.id, version)
-        if stored is not None:
-            return stored
-        digest = await self.crew.projects.digest(task.project)
-        sections = {CONTEXT: digest, TASK: task.text, FEEDBACK: comment}
-        thought = await self.think(task, Plan, sections, cause=cause)
-        return await self.store.save_plan(task.id, version, thought.value)
-
-    # -- stories and approval --------------------------------------------
-
-    async def on_story(self, event: Event[StoryCreated], delivery: Delivery) -> None:
-        """Collect a plan's stories; when complete, await approval or assign them."""
-        created = event.data
-        task = await self.active_task(created.task_id, event)
-        if task is None or task.plan_version != created.plan_version:
-            return
-        count = await self.store.add_story(task.id, created.plan_version, created.story)
-        if count < created.total:
-            return
-        if not await self.store.claim(
-            task.id, f"stories:{created.plan_version}", event.id
-        ):
-            return
-        if task.approve_plan:
-            await self._await_approval(task, created.plan_version, count, event)
-        else:
-            await self._start(task, created.plan_version, event, delivery)
-
-    async def _await_approval(
-        self, task: TaskRecord, version: int, count: int, cause: Event[Any]
-    ) -> None:
-        deadline = now_ms() + int(self.approval_timeout * 1000)
-        await self.store.update(
-            task.id,
-            status="awaiting_approval",
-            approval="pending",
-            approval_deadline_ms=deadline,
-            awaiting_since_ms=now_ms(),
-            awaiting_event=cause.id,
-        )
-        await self.bus.client.zadd(self.bus.keys.tasks_awaiting, {task.id: deadline})
-        message = (
-            f"plan version {version} with {count} stories awaits approval: "
-            f"hivebus tasks approve {task.id}"
-        )
-        await self.advance(
-            ProgressUpdate(task_id=task.id, kind="task", message=message), cause.id
-        )
-
-    async def on_control(self, event: Event[Any], delivery: Delivery) -> None:
-        """Start an approved plan, or plan again after a rejection."""
-        decision = event.data
-        task = await self.active_task(decision.task_id, event)
-        if task is None or task.plan_version != decision.plan_version:
-            return
-        version = decision.plan_version
-        if isinstance(decision, PlanApproved):
-            if task.approval == "approved" and await self.store.claim(
-                task.id, f"start:{version}", event.id
-            ):
-                await self._start(task, version, event, delivery)
-        elif isinstance(decision, PlanRejected) and await self.store.claim(
-            task.id, f"replan:{version}", event.id
-        ):
-            await self._plan(task, version + 1, decision.comment, event, delivery)
-
-    async def expire_approvals(self) -> int:
-        """End every task whose plan waited past its deadline; return how many."""
-        key = self.bus.keys.tasks_awaiting
-        due = await self.bus.client.zrangebyscore(key, "-inf", now_ms())
-        expired = 0
-        for raw in due:
-            task_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            task = await self.store.find(task_id)
-            if task is not None and task.status == "awaiting_approval":
-                waited = (now_ms() - task.awaiting_since_ms) / 1000
-                reason = f"approval timed out: the plan waited {waited:.0f}s"
-                cause = task.awaiting_event or task.submitted_event
-                if await self.end_task(
-                    task_id, "failed", reason, cause, expect_status="awaiting_approval"
-                ):
-                    expired += 1
-            await self.bus.client.zrem(key, task_id)
-        return expired
-
-    # -- assignments -----------------------------------------------------
-
-    async def _start(
-        self, task: TaskRecord, version: int, cause: Event[Any], delivery: Delivery
-    ) -> None:
-        stories = await self.store.stories(task.id, version)
-        await self.store.update(task.id, status="running")
-        board: Board = {}
-        for story in stories:
-            await self.store.init_story(
-                task.id,
-                story.key,
-                round=1,
-                status="in_progress",
-                title=story.title,
-                needs_design=int(story.needs_design),
-                assigned_ms=now_ms(),
-                round_started_ms=now_ms(),
-            )
-            board.update(_story_board(story, 1, "assigned"))
-            if story.needs_design:
-                board[f"{story.key}/ux"] = {"state": "pending", "round": 1}
-        message = f"{len(stories)} stories assigned"
-        update = ProgressUpdate(task_id=task.id, kind="task", message=message)
-        await self.advance(update, cause.id, board)
-        for story in stories:
-            await self._assign(task, story, "developer", 1, cause, delivery)
-            if story.needs_design:
-                await self._assign(task, story, "ux", 1, cause, delivery)
-
-    async def _assign(
-        self,
-        task: TaskRecord,
-        story: Story,
-        role: WorkerRole,
-        round: int,
-        cause: Event[Any],
-        delivery: Delivery,
-        *,
-        findings: list[Finding] | None = None,
-        implementation: Implementation | None = None,
-    ) -> None:
-        work = Assignment(
-            task_id=task.id,
-            role=role,
-            story=story,
-            round=round,
-            findings=findings or [],
-            implementation=implementation,
-        )
-
-        async def publish() -> None:
-            await self.emit(
-                work_channel(role),
-                work,
-                task_id=task.id,
-                cause=cause.id,
-                subject=story.key,
-            )
-
-        await delivery.run_once(f"assign:{story.key}:{role}:{round}", publish)
-
-    async def _story(self, task: TaskRecord, key: str) -> Story | None:
-        for story in await self.store.stories(task.id, task.plan_version):
-            if story.key == key:
-                return story
-        return None
 
     # -- results ---------------------------------------------------------
 
@@ -437,7 +218,7 @@ class Master(Member):
             f"{story.key} failed round {round} with {len(findings)} finding(s); "
             f"back to the developer for round {following} of {task.max_test_rounds}"
         )
-        board = _story_board(story, following, "in_progress")
+        board = story_board(story, following, "in_progress")
         update = ProgressUpdate(
             task_id=task.id,
             kind="story",
@@ -459,11 +240,11 @@ class Master(Member):
             await self.end_task(task.id, "failed", reason, event.id)
             return
         key = failed.story_key
-        if (
-            await self._accept(
-                task, key, None, f"failed:{failed.role}:{failed.round}", event
-            )
-            is None
+        state = await self.store.story(task.id, key)
+        # A design can fail after the story passed its tests, so only an
+        # already failed story ignores the failure.
+        if state.get("status") == "failed" or not await self.store.accept(
+            task.id, key, f"failed:{failed.role}:{failed.round}", event.id
         ):
             return
         reason = (
@@ -583,7 +364,7 @@ class Master(Member):
         await self.advance(update, event.id, board)
 
     async def on_dead_letter(self, event: Event[Any]) -> None:
-        """Fail the task whose event was dead-lettered, so it never hangs as running."""
+        """Fail the task of a dead-lettered team event instead of leaving it running."""
         data = event.data if isinstance(event.data, dict) else {}
         task_id = event.correlationid
         if not task_id or not str(data.get("event_type", "")).startswith("team."):
@@ -598,11 +379,3 @@ class Master(Member):
         )
         await self.store.record_dead_letter(task_id, data)
         await self.end_task(task_id, "failed", reason, event.id)
-
-
-def _story_board(story: Story, round: int, status: str) -> Board:
-    return {
-        story.key: {"status": status, "round": round, "title": story.title},
-        f"{story.key}/developer": {"state": "pending", "round": round},
-        f"{story.key}/tester": {"state": "pending", "round": round},
-    }

@@ -81,7 +81,7 @@ class PlanRejected(BaseModel):
 
 
 class StoryCreated(BaseModel):
-    """One story of a plan version; ``total`` says how many the plan has."""
+    """One story of a plan version; ``total`` is the number of stories in the plan."""
 
     task_id: str
     plan_version: int = Field(ge=1)
@@ -134,7 +134,7 @@ class TestReported(BaseModel):
 
 
 class WorkFailed(BaseModel):
-    """A role could not do its work (its brain gave no usable answer)."""
+    """A role could not do its work because its brain returned no valid reply."""
 
     task_id: str
     role: Role
@@ -144,7 +144,7 @@ class WorkFailed(BaseModel):
 
 
 class AgentStatus(BaseModel):
-    """What an agent is doing now, on the status channel."""
+    """An agent's current activity on a piece of work, sent on the status channel."""
 
     task_id: str
     role: Role

@@ -1,6 +1,6 @@
 """Each task's progress: a board of role states, and a stream of updates.
 
-The board (``P:task:{ID}:board``) holds the latest state of every unit of
+The board (``P:task:{ID}:board``) contains the latest state of every unit of
 work: ``plan/master``, ``plan/pm`` and, per story, ``S1/developer``,
 ``S1/ux`` and ``S1/tester``, plus one field per story with its status. Each
 change to the board appends an update to the task's progress stream
@@ -16,6 +16,7 @@ always the last entry of the stream, even when it was written by
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from hivebus.team.state import not_found_message, now_ms
 logger = logging.getLogger(__name__)
 
 PLAN_SHARE = 10  # percent of a task that planning (master and pm) accounts for
-FOLLOW_BLOCK_MS = 1000  # longest wait of one read while following a task
+FOLLOW_BLOCK_MS = 1000  # maximum wait of one blocking read while following a task
 STATE_RANK = {"pending": 0, "started": 1, "progress": 1, "done": 2, "failed": 2}
 
 Board = dict[str, dict[str, Any]]
@@ -53,9 +54,9 @@ class ProgressLog:
     ) -> ProgressUpdate | None:
         """Apply ``board`` changes and append ``update``; None once the task ended.
 
-        A unit's change is applied only if it is not older than what the
-        board holds (a lower round, or an earlier state of the same round),
-        so a late status from a superseded round cannot undo a newer one.
+        A unit's change is applied only if it is not older than the board's
+        state (a lower round, or an earlier state of the same round), so a
+        late status from a superseded round cannot undo a newer one.
         """
         task_id = update.task_id
         end_key, board_key = self._key(task_id, "end"), self._key(task_id, "board")
@@ -95,9 +96,9 @@ class ProgressLog:
     ) -> ProgressUpdate | None:
         """End the task with ``status``; return the final update, or None.
 
-        Only the first call ends the task. A repeat by the same ``cause``
-        (a redelivered event) gets the stored final update back, so it can
-        finish its follow-up work; any other caller gets None. With
+        Only the first call ends the task. A repeat by the same ``cause`` (a
+        redelivered event) gets the stored final update back, so that it can
+        finish its follow-up work. Any other caller gets None. With
         ``expect_status``, the task ends only if it still has that status.
         """
         end_key, board_key = self._key(task_id, "end"), self._key(task_id, "board")
@@ -180,6 +181,7 @@ class ProgressLog:
             reply: Any = await self.client.xread(
                 {stream: after}, count=100, block=None if ended else block_ms
             )
+            _raise_if_cancelling()
             updates = _parse(reply)
             for update in updates:
                 after = update.id
@@ -188,6 +190,18 @@ class ProgressLog:
                     return
             if not updates and ended:
                 return
+
+
+def _raise_if_cancelling() -> None:
+    """Raise CancelledError if this task was cancelled and a library swallowed it.
+
+    redis-py 8.2's asyncio client sometimes completes a command that was
+    cancelled while in flight and returns its reply, so a loop of commands
+    would never see the cancellation (a Ctrl-C on `tasks follow` included).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def percent(board: Board, previous: Board | None = None) -> int:

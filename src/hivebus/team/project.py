@@ -1,8 +1,8 @@
 """The project-wide context: one versioned context per project, one section per role.
 
-The master initialises a project's context on its first task; the project
-manager, developer, UX designer and tester each update their own section
-(planning, implementation, design, test_results). Every update goes through
+The master initialises a project's context on its first task. The project
+manager, developer, UX designer and tester then each update their own
+section (planning, implementation, design, test_results). Every update goes through
 the context manager's compare-and-set with retries, so concurrent tasks of
 one project lose nothing. Each section holds one entry per task, keyed by
 task id, and only the newest ``MAX_TASKS`` tasks are kept, so the context

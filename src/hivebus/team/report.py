@@ -1,8 +1,8 @@
 """A task's report: everything stored about it, as JSON and as Markdown.
 
 The JSON report is what ``hivebus tasks show ID --json`` prints: the task
-record, its plan, each story with its rounds and results, who holds or
-waits for each open piece of work, tokens per role, every brain call with
+record, its plan, each story with its rounds and results, the worker on
+(or the wait for) each open piece of work, tokens per role, every brain call with
 the prompt version it used, the prompt changes the task caused, and its
 events as a tree linked by causation id.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 from hivebus.team.client import TaskClient
 from hivebus.team.state import TaskRecord, TaskStore, now_ms
+from hivebus.team.tree import event_tree, tree_lines
 from hivebus.team.work import Story, TestReport
 
 
@@ -109,66 +110,54 @@ async def _open_work(
     return work
 
 
-def event_tree(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Nest event summaries under their causes; events with no known cause are roots."""
-    nodes = {event["id"]: {**event, "children": []} for event in events}
-    roots = []
-    for event in events:
-        node = nodes[event["id"]]
-        parent = nodes.get(event.get("causationid") or "")
-        if parent is None or parent is node:
-            roots.append(node)
-        else:
-            parent["children"].append(node)
-    return roots
-
-
-def tree_lines(tree: list[dict[str, Any]], depth: int = 0) -> list[str]:
-    """Return the event tree as indented text lines."""
-    lines = []
-    for node in tree:
-        summary = f" {node['summary']}" if node.get("summary") else ""
-        lines.append(f"{'  ' * depth}- {node['type']} {node['id']}{summary}")
-        lines.extend(tree_lines(node["children"], depth + 1))
-    return lines
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     """Return the report as a Markdown document."""
+    lines = _head_markdown(report)
+    if report["plan"]:
+        plan = report["plan"]
+        lines += ["## Plan", "", plan["summary"], ""]
+        lines += [f"1. **{step['title']}**: {step['goal']}" for step in plan["steps"]]
+        lines.append("")
+
+    lines += ["## Stories", ""]
+    for story in report["stories"]:
+        lines += _story_markdown(story)
+
+    lines += _tokens_markdown(report["tokens"])
+    lines += ["", "## Prompt changes", ""]
+    for change in report["prompt_changes"]:
+        lines.append(f"- {change['role']} v{change['version']}: {change['reason']}")
+    if not report["prompt_changes"]:
+        lines.append("None.")
+    lines += ["", "## Events", "", *tree_lines(report["tree"]), ""]
+    return "\n".join(lines)
+
+
+def _head_markdown(report: dict[str, Any]) -> list[str]:
     task = report["task"]
-    lines = [
+    reason = f" ({task['reason']})" if task.get("reason") else ""
+    return [
         f"# Task {task['id']}",
         "",
-        f"- **status:** {task['status']}"
-        + (f" ({task['reason']})" if task.get("reason") else ""),
+        f"- **status:** {task['status']}{reason}",
         f"- **task:** {task['text']}",
         f"- **project:** {task['project']}",
         f"- **time taken:** {report['seconds']:.1f} s",
         f"- **tokens:** {report['tokens'].get('task', {}).get('total', 0)}",
         "",
     ]
-    if report["plan"]:
-        lines += ["## Plan", "", report["plan"]["summary"], ""]
-        lines += [f"1. **{s['title']}**: {s['goal']}" for s in report["plan"]["steps"]]
-        lines.append("")
-    lines += ["## Stories", ""]
-    for story in report["stories"]:
-        lines += _story_markdown(story)
-    lines += ["## Tokens by role", "", "| role | prompt | completion | calls |"]
+
+
+def _tokens_markdown(tokens: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["## Tokens by role", "", "| role | prompt | completion | calls |"]
     lines.append("| --- | --- | --- | --- |")
-    for role, totals in report["tokens"].items():
+    for role, totals in tokens.items():
         if role != "task":
             lines.append(
-                f"| {role} | {totals.get('prompt', 0)} | {totals.get('completion', 0)} "
-                f"| {totals.get('calls', 0)} |"
+                f"| {role} | {totals.get('prompt', 0)} | "
+                f"{totals.get('completion', 0)} | {totals.get('calls', 0)} |"
             )
-    lines += ["", "## Prompt changes", ""]
-    for change in report["prompt_changes"] or []:
-        lines.append(f"- {change['role']} v{change['version']}: {change['reason']}")
-    if not report["prompt_changes"]:
-        lines.append("None.")
-    lines += ["", "## Events", "", *tree_lines(report["tree"]), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _story_markdown(story: dict[str, Any]) -> list[str]:

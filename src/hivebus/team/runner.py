@@ -25,12 +25,13 @@ from typing import Any, Self
 from hivebus.bus import DEAD_LETTERED_TYPE, ERRORS_CHANNEL, Bus
 from hivebus.errors import ConfigError
 from hivebus.retry import RetryPolicy
-from hivebus.team.agents import Crew, ProjectManager, Worker
+from hivebus.team.agents import ProjectManager, Worker
 from hivebus.team.analyser import Analyser
 from hivebus.team.brain import Brain
 from hivebus.team.client import TaskClient
 from hivebus.team.config import TeamSettings, make_brain
 from hivebus.team.master import Master
+from hivebus.team.member import Crew
 from hivebus.team.models import (
     CONTROL_CHANNEL,
     PLANNING_CHANNEL,
@@ -94,32 +95,25 @@ class Team:
     def projects(self) -> ProjectContexts:
         """The project-wide contexts; available once the team started."""
         if self._crew is None:
-            msg = "the team is not started: use `async with team:` or `await team.start()`"
+            msg = "the team is not started: use `async with team:` or `team.start()`"
             raise ConfigError(msg)
         return self._crew.projects
 
     async def start(self) -> None:
-        """Connect, subscribe every role of this process and start consuming."""
-        self._stopping.clear()
+        """Connect, subscribe every role of this process and start consuming.
+
+        A team starts once; build a new ``Team`` (on a new bus) to run again.
+        """
+        if self._crew is not None:
+            msg = "this team was started before; build a new `Team` to run again"
+            raise ConfigError(msg)
         await self.bus.connect()
-        brain = self._brain or make_brain(
-            self.settings, breaker=self.bus.breaker("brain")
-        )
-        self._brain = brain
-        crew = Crew(
-            bus=self.bus,
-            store=TaskStore(self.bus.client, self.bus.keys),
-            progress=ProgressLog(self.bus.client, self.bus.keys),
-            prompts=PromptStore(self.bus.client, self.bus.keys),
-            projects=ProjectContexts(self.bus),
-            brain=brain,
-            lease_seconds=self.claim_timeout,
-        )
-        self._crew = crew
+        crew = self._crew = self._make_crew()
         await crew.prompts.ensure_defaults()
         for role in self.roles:
             self._subscribe(role, crew)
         await self.bus.start()
+
         if self.master is not None:
             self._sweeper = asyncio.create_task(
                 self._sweep(self.master), name="hivebus-team-approvals"
@@ -127,8 +121,23 @@ class Team:
         logger.info(
             "team started roles=%s brain=%s claim_timeout=%.1fs",
             ",".join(self.roles),
-            brain.name,
+            crew.brain.name,
             self.claim_timeout,
+        )
+
+    def _make_crew(self) -> Crew:
+        brain = self._brain or make_brain(
+            self.settings, breaker=self.bus.breaker("brain")
+        )
+        self._brain = brain
+        return Crew(
+            bus=self.bus,
+            store=TaskStore(self.bus.client, self.bus.keys),
+            progress=ProgressLog(self.bus.client, self.bus.keys),
+            prompts=PromptStore(self.bus.client, self.bus.keys),
+            projects=ProjectContexts(self.bus),
+            brain=brain,
+            lease_seconds=self.claim_timeout,
         )
 
     async def stop(self) -> None:

@@ -4,11 +4,11 @@ Every key of a task shares the hash tag ``{TASK_ID}`` (see ``Keys.task``).
 Nothing here lives in a process: a master or agent that restarts reads the
 same state back, so a restart never repeats a plan or resets a round count.
 
-Steps that several handlers may race for (the event that completes a plan's
-stories, the verdict of a test round) are claimed with ``claim``: the first
-claimant's event id is stored, and only a redelivery of that same event
-gets the step again. A handler that dies after its claim thus finishes the
-step when its event is delivered again, and no other event repeats it.
+Handlers may race for a step, such as acting on the event that completes a
+plan's stories. Such steps are claimed with ``claim``, which stores the
+first claimant's event id. Only a redelivery of that same event gets the
+step again, so a handler that dies after its claim finishes the step when
+its event is delivered again, and no other event repeats it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from hivebus.events import Event
 from hivebus.keys import Keys
 from hivebus.team.brain import Usage
 from hivebus.team.models import END_STATES, TaskSubmitted
+from hivebus.team.tree import summarize
 from hivebus.team.work import Plan, Story
 
 logger = logging.getLogger(__name__)
-
-EVENT_SUMMARY_CHARS = 200  # characters of a payload kept in the event tree
 
 
 def now_ms() -> int:
@@ -378,42 +377,6 @@ class TaskStore:
         """Return who holds the lease on a work item, or None."""
         current = await self.client.get(self.key(task_id, "lease", item))
         return json.loads(current) if current else None
-
-
-def summarize(event: Event[Any], channel: str) -> dict[str, Any]:
-    """Return the tree node of an event: ids, type, links and a short summary."""
-    data = event.model_dump(mode="json")["data"]
-    return {
-        "id": event.id,
-        "type": event.type,
-        "source": event.source,
-        "channel": channel,
-        "subject": event.subject,
-        "correlationid": event.correlationid,
-        "causationid": event.causationid,
-        "time": event.time.isoformat(),
-        "summary": describe(event.type, data),
-    }
-
-
-def describe(event_type: str, data: Any) -> str:
-    """Return a one-line description of an event's data."""
-    if not isinstance(data, dict):
-        return str(data)[:EVENT_SUMMARY_CHARS]
-    parts = []
-    for name in ("role", "story_key", "round", "state", "status", "plan_version"):
-        if data.get(name) is not None:
-            parts.append(f"{name}={data[name]}")
-    story = data.get("story")
-    if isinstance(story, dict):
-        parts.append(f"story={story.get('key')}")
-    report = data.get("report")
-    if isinstance(report, dict):
-        parts.append(f"passed={report.get('passed')}")
-    text = data.get("reason") or data.get("message") or data.get("comment")
-    if text:
-        parts.append(str(text))
-    return " ".join(parts)[:EVENT_SUMMARY_CHARS] or event_type
 
 
 def _decode(raw: dict[Any, Any]) -> dict[str, str]:

@@ -16,7 +16,7 @@ ServicesDep = Annotated[Services, Depends(services)]
 
 
 class PurgeRequest(BaseModel):
-    """Which dead letters to delete: all, or those that match every given filter."""
+    """Filters of a purge: none deletes every dead letter, else those matching all."""
 
     channel: str | None = None
     subscription: str | None = Field(

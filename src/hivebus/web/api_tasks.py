@@ -25,6 +25,7 @@ from hivebus.errors import TaskNotFoundError
 from hivebus.team.models import PROGRESS_CHANNEL, ProgressUpdate
 from hivebus.team.progress import ProgressLog
 from hivebus.team.state import TaskStore, not_found_message
+from hivebus.team.tree import event_tree
 from hivebus.web import sse
 from hivebus.web.services import Services, services
 
@@ -46,7 +47,7 @@ class SubmitRequest(BaseModel):
 
 
 class ProgressFilter(BaseModel):
-    """Which updates a progress stream sends; the final update always passes."""
+    """Filter of a progress stream's updates; the final update always passes."""
 
     role: tuple[str, ...] = ()
     kind: tuple[str, ...] = ()
@@ -78,7 +79,7 @@ async def submit_task(request: SubmitRequest, app: ServicesDep) -> dict[str, Any
 
 
 class RejectRequest(BaseModel):
-    """Why a plan is rejected; the master plans again with this comment."""
+    """Reason for rejecting a plan, which the master plans again with."""
 
     comment: str = Field(min_length=1, max_length=4000)
 
@@ -168,19 +169,6 @@ async def task_events(task_id: str, app: ServicesDep) -> dict[str, Any]:
     await store.get(task_id)
     events = await store.events(task_id)
     return {"task_id": task_id, "count": len(events), "tree": event_tree(events)}
-
-
-def event_tree(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Nest event summaries under the event that caused them, in send order."""
-    nodes = {e["id"]: e | {"children": []} for e in events}
-    roots = []
-    for node in nodes.values():
-        parent = nodes.get(node.get("causationid") or "")
-        if parent is not None and parent is not node:
-            parent["children"].append(node)
-        else:
-            roots.append(node)
-    return roots
 
 
 @router.get(

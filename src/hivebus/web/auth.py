@@ -3,7 +3,7 @@
 Without a token every request is served, so the server binds 127.0.0.1 by
 default. With a token, every request must carry it, except the login page
 and the static files: as ``Authorization: Bearer TOKEN`` (API clients), or
-as the session cookie that the login form sets (browsers). The cookie holds
+as the session cookie that the login form sets (browsers). The cookie contains
 an HMAC of the token, not the token itself. Tokens are compared in constant
 time.
 

@@ -5,7 +5,7 @@ Pub/Sub to every broadcast channel (a pattern subscription). The other reads
 every durable channel's stream with XREAD, from the entries added after it
 started, without joining a consumer group, so it takes no work from any
 subscriber. Each viewer gets a bounded queue: a viewer too slow to keep up
-loses the events that do not fit, and is told how many.
+loses the events that do not fit, and gets a message with their count.
 
 Redo streams (retries and replays) are not read, so a replayed dead letter
 does not show up a second time.
@@ -29,9 +29,12 @@ logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1000  # events buffered per viewer before the viewer loses events
 PREVIEW_CHARS = 300  # characters of an event's data shown in the feed
-READ_BLOCK_MS = 1000  # longest wait of one XREAD, and of one Pub/Sub read
+READ_BLOCK_MS = 1000  # maximum wait of one XREAD, and of one Pub/Sub read
 CHANNELS_REFRESH = 2.0  # seconds between looks for newly created durable channels
 JOIN_TIMEOUT = 5.0  # seconds a new viewer waits for the readers to be in place
+ERROR_PAUSE = (
+    1.0  # seconds a reader waits after an unexpected error, to avoid a hot loop
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -74,8 +77,8 @@ class Feed:
         """Add ``viewer``, starting the readers if it is the first.
 
         Returns once the readers are in place, so the viewer gets every event
-        published after this returns; while Redis is unreachable it returns
-        after ``JOIN_TIMEOUT`` seconds and the readers catch up when it is back.
+        published after this returns. While Redis is unreachable it returns
+        after ``JOIN_TIMEOUT`` seconds, and the readers catch up when it is back.
         """
         self._viewers.add(viewer)
         if not self._tasks:
@@ -148,6 +151,9 @@ class Feed:
                         self._publish(channel, message["data"], "broadcast")
             except TRANSIENT_ERRORS as exc:
                 await _pause("broadcast", exc, backoff)
+            except Exception:
+                logger.exception("feed reader failed, restarting reader=broadcast")
+                await asyncio.sleep(ERROR_PAUSE)
             finally:
                 await asyncio.shield(pubsub.aclose())
 
@@ -166,6 +172,9 @@ class Feed:
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
                 await _pause("stream", exc, backoff)
+            except Exception:
+                logger.exception("feed reader failed, restarting reader=stream")
+                await asyncio.sleep(ERROR_PAUSE)
 
     async def _add_streams(self, positions: dict[str, str]) -> None:
         client, keys = self._bus.client, self._bus.keys

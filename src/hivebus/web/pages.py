@@ -14,6 +14,7 @@ from hivebus.dlq import make_id
 from hivebus.errors import ContextNotFoundError
 from hivebus.team.project import SECTIONS
 from hivebus.team.project import context_id as project_context_id
+from hivebus.team.tree import event_tree
 from hivebus.team.work import ROLES
 from hivebus.web import api_contexts, api_prompts, api_tasks
 from hivebus.web.api_breakers import read_breakers
@@ -23,7 +24,7 @@ from hivebus.web.services import Services, services
 router = APIRouter(include_in_schema=False)
 
 ServicesDep = Annotated[Services, Depends(services)]
-MAX_FORM_BYTES = 4096  # the login form holds one token
+MAX_FORM_BYTES = 4096  # the login form contains one token
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> Response:
@@ -100,7 +101,7 @@ async def tasks_page(request: Request, app: ServicesDep) -> Response:
 async def task_page(request: Request, task_id: str, app: ServicesDep) -> Response:
     """Show one task: live progress, its event tree and its context sections."""
     detail = await api_tasks.task_detail(app, task_id)
-    tree = api_tasks.event_tree(await api_tasks.task_store(app).events(task_id))
+    tree = event_tree(await api_tasks.task_store(app).events(task_id))
     sections = await _task_sections(app, detail["task"]["project"], task_id)
     return render(
         request,

@@ -1,4 +1,4 @@
-"""What the routes share: the bus, the feed, the templates and the stores."""
+"""Objects the routes share: the bus, the feed, the templates and the stores."""
 
 from __future__ import annotations
 
