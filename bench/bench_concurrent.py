@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -51,8 +52,11 @@ async def count_for(
     workers: list[Callable[[list[int]], Awaitable[None]]],
     warmup: float,
     seconds: float,
-) -> float:
-    """Run ``workers`` until stopped; return events per second after ``warmup``."""
+) -> tuple[float, float]:
+    """Run ``workers`` for ``warmup`` + ``seconds``; measure only the second part.
+
+    Return events per second and this process's CPU microseconds per event.
+    """
     done = [0]
     stopping = asyncio.Event()
 
@@ -62,15 +66,17 @@ async def count_for(
 
     tasks = [asyncio.create_task(loop(worker)) for worker in workers]
     await asyncio.sleep(warmup)
-    start = done[0]
+    start, cpu_start = done[0], time.process_time()
     await asyncio.sleep(seconds)
-    events = done[0] - start
+    events, cpu = done[0] - start, time.process_time() - cpu_start
     stopping.set()
     await asyncio.gather(*tasks)
-    return events / seconds
+    return events / seconds, cpu / events * 1e6
 
 
-async def run_hivebus(prefix: str, warmup: float, seconds: float) -> float:
+async def run_hivebus(
+    prefix: str, warmup: float, seconds: float
+) -> tuple[float, float]:
     from workload import make_bus, order  # only here: raw children stay lean
 
     bus = make_bus(prefix)
@@ -95,7 +101,7 @@ async def run_raw(
     seconds: float,
     *,
     batched: bool,
-) -> float:
+) -> tuple[float, float]:
     client = raw_client()
     sequence = iter(range(10**9))
     events = BATCH if batched else 1
@@ -120,9 +126,9 @@ async def run_raw(
 async def child(args: argparse.Namespace) -> None:
     """Run one side in this process and print its rate and peak RSS as JSON."""
     if args.child == "hivebus":
-        events_per_second = await run_hivebus(args.prefix, args.warmup, args.seconds)
+        measured = await run_hivebus(args.prefix, args.warmup, args.seconds)
     else:
-        events_per_second = await run_raw(
+        measured = await run_raw(
             args.prefix,
             args.stream,
             args.body.encode(),
@@ -130,7 +136,9 @@ async def child(args: argparse.Namespace) -> None:
             args.seconds,
             batched=args.child == "raw-batched",
         )
-    print(json.dumps({"rate": events_per_second, "rss_mib": peak_rss_mib()}))
+    events_per_second, cpu_us = measured
+    result = {"rate": events_per_second, "cpu_us": cpu_us, "rss_mib": peak_rss_mib()}
+    print(json.dumps(result))
 
 
 async def reset(client: aioredis.Redis, prefix: str, stream: str) -> None:
@@ -197,6 +205,17 @@ def report(
         f"{args.seconds:g}s, each side in its own process",
         rows,
     )
+    cpu_rows = [
+        Row(
+            f"3. CPU per event, hivebus vs {role}",
+            series("hivebus", "cpu_us"),
+            series(role, "cpu_us"),
+            "µs",
+            higher_is_better=False,
+        )
+        for role in ("raw-batched", "raw-naive")
+    ]
+    print_table("publisher CPU time per event (relative is raw/hivebus)", cpu_rows)
     print("\npeak RSS of each process, MiB (median over rounds):")
     for role in ROLES:
         print(f"- {role}: {statistics.median(series(role, 'rss_mib')):.1f}")

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -103,6 +104,7 @@ class Scene:
         self.raw_stream = f"{prefix}:raw:stream"
         self.raw_channel = f"{prefix}:raw:bc"
         self.sequence = 0
+        self.cpu: dict[str, list[float]] = {"hivebus": [], "raw": []}
 
     @property
     def channels(self) -> list[str]:
@@ -147,39 +149,70 @@ def variants(
     """Return, per benchmark line, the hivebus and raw measurements."""
     bus = scene.bus
 
-    def measured(
+    def hivebus(
         operation: Callable[[int], Awaitable[object]], per_call: int = 1
     ) -> Callable[[], Awaitable[float]]:
-        async def measure() -> float:
-            result = await rate(operation, seconds, per_call)
-            await scene.reset()
-            return result
+        return measured(scene, "hivebus", operation, seconds, per_call)
 
-        return measure
+    def raw(
+        operation: Callable[[int], Awaitable[object]], per_call: int = 1
+    ) -> Callable[[], Awaitable[float]]:
+        return measured(scene, "raw", operation, seconds, per_call)
 
     def batch(number: int) -> list[object]:
         return [order(number * BATCH + i) for i in range(BATCH)]
 
     return {
         "1. publish one, durable (sequential)": {
-            "hivebus": measured(lambda i: bus.publish(CHANNEL, order(i), durable=True)),
-            "raw": measured(lambda i: scene.raw_durable(1)),
+            "hivebus": hivebus(lambda i: bus.publish(CHANNEL, order(i), durable=True)),
+            "raw": raw(lambda i: scene.raw_durable(1)),
         },
         "1. publish one, broadcast (sequential)": {
-            "hivebus": measured(lambda i: bus.publish(CHANNEL, order(i))),
-            "raw": measured(lambda i: scene.raw_broadcast(1)),
+            "hivebus": hivebus(lambda i: bus.publish(CHANNEL, order(i))),
+            "raw": raw(lambda i: scene.raw_broadcast(1)),
         },
         "2. publish_many 100, durable": {
-            "hivebus": measured(
+            "hivebus": hivebus(
                 lambda i: bus.publish_many(CHANNEL, batch(i), durable=True), BATCH
             ),
-            "raw": measured(lambda i: scene.raw_durable(BATCH), BATCH),
+            "raw": raw(lambda i: scene.raw_durable(BATCH), BATCH),
         },
         "2. publish_many 100, broadcast": {
-            "hivebus": measured(lambda i: bus.publish_many(CHANNEL, batch(i)), BATCH),
-            "raw": measured(lambda i: scene.raw_broadcast(BATCH), BATCH),
+            "hivebus": hivebus(lambda i: bus.publish_many(CHANNEL, batch(i)), BATCH),
+            "raw": raw(lambda i: scene.raw_broadcast(BATCH), BATCH),
         },
     }
+
+
+def measured(
+    scene: Scene,
+    side: str,
+    operation: Callable[[int], Awaitable[object]],
+    seconds: float,
+    per_call: int,
+) -> Callable[[], Awaitable[float]]:
+    """Return a measurement of ``operation``'s events per second.
+
+    It also appends this process's CPU time per event, in microseconds, to
+    ``scene.cpu[side]``: unlike the rate, that barely moves with the load
+    other processes put on the machine.
+    """
+    calls = [0]
+
+    async def counted(number: int) -> object:
+        calls[0] += 1
+        return await operation(number)
+
+    async def measure() -> float:
+        calls[0] = 0
+        started = time.process_time()
+        events_per_second = await rate(counted, seconds, per_call)
+        used = time.process_time() - started
+        scene.cpu[side].append(used / (calls[0] * per_call) * 1e6)
+        await scene.reset()
+        return events_per_second
+
+    return measure
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -188,7 +221,7 @@ async def main(args: argparse.Namespace) -> None:
     bus = make_bus(prefix)
     raw = raw_client()
     scene = Scene(bus, raw, prefix)
-    rows = []
+    rows, cpu_rows = [], []
     try:
         await bus.connect()
         await scene.setup()
@@ -200,6 +233,11 @@ async def main(args: argparse.Namespace) -> None:
                 results = await alternate(pair, args.rounds)
                 row = Row(name, results["hivebus"], results["raw"], "events/s", 0.9)
                 rows.append(row)
+                cpu = scene.cpu
+                cpu_rows.append(
+                    Row(name, cpu["hivebus"], cpu["raw"], "µs", higher_is_better=False)
+                )
+                scene.cpu = {"hivebus": [], "raw": []}
                 print(f"{name}: {row.ratios}", flush=True)
         unobserved = bus.unobserved
     finally:
@@ -210,6 +248,10 @@ async def main(args: argparse.Namespace) -> None:
         f"publish throughput: medians of {args.rounds} rounds of {args.seconds:g}s "
         "per side, hivebus and raw measured back to back in each round",
         rows,
+    )
+    print_table(
+        "client CPU time per event (this process only; relative is raw/hivebus)",
+        cpu_rows,
     )
     print(f"\nevents hivebus counted as unobserved: {unobserved}")
 

@@ -68,7 +68,7 @@ def service_bus(prefix: str, service: str) -> Bus:
 
 
 async def serve_hivebus(prefix: str) -> None:
-    """Answer ``bench.order`` requests as service ``bench-echo``, echoing them."""
+    """Serve ``bench.order`` requests as service ``bench-echo``, echoing them."""
     bus = service_bus(prefix, SERVICE)
 
     @bus.responder(EVENT_TYPE, concurrency=IN_FLIGHT)
@@ -80,7 +80,7 @@ async def serve_hivebus(prefix: str) -> None:
 
 
 async def serve_raw(prefix: str) -> None:
-    """Answer raw requests: XREADGROUP a batch, then PUBLISH each reply and XACK."""
+    """Serve raw requests: XREADGROUP a batch, then PUBLISH each reply and XACK."""
     client = raw_client()
     stream = f"{prefix}:raw:requests"
     try:
@@ -311,14 +311,18 @@ async def main(args: argparse.Namespace) -> None:
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns per variant")
-    parser.add_argument("--warmup", type=int, default=300, help="requests unmeasured")
+    parser.add_argument(
+        "--warmup", type=int, default=300, help="requests sent before timing starts"
+    )
     parser.add_argument(
         "--sequential", type=int, default=2000, help="requests timed one by one"
     )
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="seconds of the 50-in-flight run"
     )
-    parser.add_argument("--timeout", type=float, default=600, help="kill after this")
+    parser.add_argument(
+        "--timeout", type=float, default=600, help="seconds before the run is killed"
+    )
     parser.add_argument("--serve", choices=["hivebus", "raw"], help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     return parser.parse_args()

@@ -140,7 +140,7 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 async def responder(prefix: str) -> Any:
-    """Service ``echo`` on the real Redis, answering ``echo`` and ``fail``."""
+    """Service ``echo`` on the real Redis, with responders for ``echo`` and ``fail``."""
     bus = Bus(REDIS_URL, prefix=prefix, service="echo")
 
     @bus.responder("echo")

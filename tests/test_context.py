@@ -403,3 +403,28 @@ async def test_guard_dead_letters_invalid_event(
     assert entry.subscription == "worker"
     assert metrics["rejected_events"] == 1
     assert [s.event_type for s in seen if s.status == "rejected"] == ["story.done"]
+
+
+async def test_guard_on_broadcast_uses_channel(make_bus: Any) -> None:
+    handled: list[str] = []
+    bus = make_bus(service="watcher")
+    manager = ContextManager(bus)
+
+    @bus.subscribe("notes", raw=True)
+    @manager.validated(updates=False, channel="notes")
+    async def on_note(event: Event[Any], context: Context | None) -> None:
+        handled.append(event.id)
+
+    async with bus:
+        await bus.publish(
+            "notes", {}, type="note", raw=True, context_id="gone", context_version=1
+        )
+
+        async def dead_lettered() -> bool:
+            return await bus.dlq.count("notes") == 1
+
+        await eventually(dead_lettered, what="broadcast event dead-lettered")
+        [entry] = await bus.dlq.entries(channel="notes")
+    assert handled == []
+    assert entry.subscription == "broadcast:watcher"
+    assert "no context 'gone'" in entry.reason

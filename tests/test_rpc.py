@@ -32,7 +32,7 @@ class Reply(BaseModel):
 
 
 def echo_responder(bus: Bus, *, delay: float = 0.0, **options: Any) -> None:
-    """Make ``bus`` answer ``echo`` requests with their data, after ``delay`` s."""
+    """Make ``bus`` respond to ``echo`` requests with their data after ``delay`` s."""
 
     @bus.responder("echo", **options)
     async def echo(request: Event[Any]) -> Any:
@@ -42,7 +42,7 @@ def echo_responder(bus: Bus, *, delay: float = 0.0, **options: Any) -> None:
 
 
 async def serve(url: str, prefix: str, delay: float) -> None:
-    """Answer ``echo`` requests as service ``echo`` until stdin closes."""
+    """Serve ``echo`` requests as service ``echo`` until stdin closes."""
     bus = Bus(url, prefix=prefix, service="echo")
     echo_responder(bus, delay=delay, concurrency=128)
     async with bus:
@@ -240,6 +240,21 @@ async def test_timeout_at_deadline_then_late_reply(make_bus: Any) -> None:
     assert "0.3s" in str(caught.value)
     assert caller.requester.timeouts == 1
     assert caller.requester.pending == 0
+
+
+async def test_malformed_reply_is_dropped(make_bus: Any) -> None:
+    responder = make_bus(service="echo")
+    echo_responder(responder)
+    caller = make_bus(service="caller")
+    async with responder, caller:
+        await caller.request("echo", "echo", {"n": 0}, raw=True)
+        await caller.client.publish(caller.requester.channel, b"not json")
+        await eventually(
+            lambda: caller.requester.malformed_replies == 1, what="malformed reply"
+        )
+        response = await caller.request("echo", "echo", {"n": 1}, raw=True)
+    assert response["echo"] == {"n": 1}
+    assert caller.requester.late_replies == 0
 
 
 async def test_expired_request_is_not_handled(make_bus: Any) -> None:

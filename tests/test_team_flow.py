@@ -14,7 +14,7 @@ from hivebus.errors import TaskError, TaskNotFoundError
 from hivebus.team.brain import FEEDBACK, FINDINGS, Usage, prompt_sections
 from hivebus.team.client import TaskClient
 from hivebus.team.config import TeamSettings
-from hivebus.team.models import ProgressUpdate
+from hivebus.team.models import ProgressUpdate, TaskEnded
 from hivebus.team.project import context_id
 from hivebus.team.prompts import PromptStore
 from hivebus.team.report import build_report
@@ -348,3 +348,24 @@ async def test_late_designer_still_completes(make_bus: Any) -> None:
     assert waiting.status == "running"
     assert final.status == "completed"
     assert report["stories"][0]["design"] is not None
+
+
+async def test_repeated_wait_keeps_approval(make_bus: Any) -> None:
+    async with team_on(make_bus, ScriptedBrain()) as team:
+        task_id = await team.client.submit(TASK, approve_plan=True)
+        await wait_status(team.client, task_id, "awaiting_approval")
+        await team.client.approve(task_id)
+        task = await team.client.get(task_id)
+        cause = team.bus.event(
+            TaskEnded(task_id=task_id, status="running"), correlation_id=task_id
+        )
+        assert team.master is not None
+        # A master that died before acking the last story event runs the
+        # step again after the approval: it must not reopen the approval.
+        await team.master._await_approval(task, 1, 2, cause)
+        again = await team.client.get(task_id)
+        final = await finish(team.client, task_id)
+
+    assert again.approval == "approved"
+    assert again.status == "running"
+    assert final.status == "completed"

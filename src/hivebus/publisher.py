@@ -154,6 +154,11 @@ class Publisher:
                 self._in_flight = batch
                 try:
                     await self._flush(batch)
+                    # Callers woken by this batch's results run before this
+                    # task resumes. While ``_in_flight`` is still set, their
+                    # next publishes queue for one shared pipeline; otherwise
+                    # the first would go out alone ahead of the rest.
+                    await asyncio.sleep(0)
                 finally:
                     self._in_flight = []
                     _fail_unresolved(batch, "the publisher was closed")
@@ -194,23 +199,27 @@ class Publisher:
         exception objects in the list, as with redis-py's
         ``Pipeline.execute(raise_on_error=False)``.
         """
-        ttl = b"%d" % self._ttl_ms
+        px_ttl = b"$2\r\nPX\r\n" + _bulk(b"%d" % self._ttl_ms)
+        targets: dict[tuple[str, bool], bytes] = {}  # RESP bulk of each key
         commands: list[bytes] = []
-        streams: set[str] = set()
         for item in batch:
-            key = self._keys.event(item.event_id).encode()
-            commands.append(_command(b"SET", key, item.body, b"PX", ttl))
+            body = _bulk(item.body)
+            key = _bulk(self._keys.event(item.event_id).encode())
+            commands.append(b"*5\r\n$3\r\nSET\r\n" + key + body + px_ttl)
+            target = targets.get((item.channel, item.durable))
+            if target is None:
+                name = self._keys.stream if item.durable else self._keys.broadcast
+                target = _bulk(name(item.channel).encode())
+                targets[(item.channel, item.durable)] = target
             if item.durable:
-                stream = self._keys.stream(item.channel)
                 commands.append(
-                    _command(b"XADD", stream.encode(), b"*", b"e", item.body)
+                    b"*5\r\n$4\r\nXADD\r\n" + target + b"$1\r\n*\r\n$1\r\ne\r\n" + body
                 )
-                streams.add(stream)
             else:
-                channel = self._keys.broadcast(item.channel).encode()
-                commands.append(_command(b"PUBLISH", channel, item.body))
-        for stream in sorted(streams):
-            commands.append(_command(b"XINFO", b"GROUPS", stream.encode()))
+                commands.append(b"*3\r\n$7\r\nPUBLISH\r\n" + target + body)
+        for channel in sorted({i.channel for i in batch if i.durable}):
+            stream = self._keys.stream(channel).encode()
+            commands.append(_command(b"XINFO", b"GROUPS", stream))
         return await self._round_trip(commands)
 
     async def _round_trip(self, commands: list[bytes]) -> list[Any]:
@@ -257,17 +266,14 @@ class Publisher:
             position += 2
             if item.future.done():
                 continue
-            error = next(
-                (r for r in (store_reply, delivery_reply) if isinstance(r, Exception)),
-                None,
-            )
+            error = _first_error(store_reply, delivery_reply)
             if error is not None:
                 failure = translate(error, f"publish of event {item.event_id!r}")
                 failure.__cause__ = error
                 item.future.set_exception(failure)
                 continue
             if item.durable:
-                groups = group_counts.get(self._keys.stream(item.channel), 0)
+                groups = group_counts.get(item.channel, 0)
                 result = PublishResult(item.event_id, item.channel, groups=groups)
             else:
                 result = PublishResult(
@@ -280,11 +286,12 @@ class Publisher:
     def _group_counts(
         self, batch: list[Outgoing], replies: list[Any]
     ) -> dict[str, int]:
-        streams = sorted({self._keys.stream(i.channel) for i in batch if i.durable})
+        """Return the consumer groups per durable channel, from XINFO GROUPS."""
+        channels = sorted({i.channel for i in batch if i.durable})
         tail = replies[2 * len(batch) :]
         counts: dict[str, int] = {}
-        for stream, reply in zip(streams, tail, strict=True):
-            counts[stream] = 0 if isinstance(reply, Exception) else len(reply)
+        for channel, reply in zip(channels, tail, strict=True):
+            counts[channel] = 0 if isinstance(reply, Exception) else len(reply)
         return counts
 
     def _count_unobserved(self, result: PublishResult) -> None:
@@ -320,10 +327,20 @@ class Publisher:
 
 def _command(*parts: bytes) -> bytes:
     """Encode one Redis command in RESP, the wire format of requests."""
-    chunks = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        chunks.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(chunks)
+    return b"*%d\r\n" % len(parts) + b"".join([_bulk(part) for part in parts])
+
+
+def _bulk(part: bytes) -> bytes:
+    """Encode one argument as a RESP bulk string: its length, then its bytes."""
+    return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
+def _first_error(*replies: Any) -> Exception | None:
+    """Return the first error reply among ``replies``, or None."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            return reply
+    return None
 
 
 async def _read_reply(connection: AbstractConnection) -> Any:

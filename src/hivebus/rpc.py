@@ -73,6 +73,7 @@ CLOCK_REFRESH = 300.0  # seconds between measurements of the server clock offset
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_CONCURRENCY = 64
 MAX_REPLY_BATCH = 256  # replies written in one round trip at most
+MALFORMED_LOG_EVERY = 1000  # one log line per this many malformed replies
 # A responder's handler is never retried after it raised (the error is the
 # reply), but a request held by a responder that died is claimed by a live
 # one, and re-run if its deadline has not passed.
@@ -264,6 +265,7 @@ class Requester:
         backoff = Backoff(base=0.2, cap=5.0)
         while True:
             pubsub = self._bus.client.pubsub()
+            delay = 0.0
             try:
                 await pubsub.subscribe(self.channel)
                 await self.clock.measure(self._bus.client)
@@ -282,9 +284,9 @@ class Requester:
                     delay,
                     exc,
                 )
-                await asyncio.sleep(delay)
             finally:
                 await asyncio.shield(_close(pubsub))
+            await asyncio.sleep(delay)  # reached only after a connection error
 
     async def _read(self, pubsub: Any) -> None:
         while True:
@@ -299,9 +301,13 @@ class Requester:
             reply = codec.decode_envelope(body, self._bus.settings.max_event_bytes)
         except InvalidEventError as exc:
             self.malformed_replies += 1
-            logger.warning(
-                "malformed reply dropped channel=%s error=%s", self.channel, exc
-            )
+            if self.malformed_replies % MALFORMED_LOG_EVERY == 1:
+                logger.warning(
+                    "malformed reply dropped channel=%s dropped=%d error=%s",
+                    self.channel,
+                    self.malformed_replies,
+                    exc,
+                )
             return
         future = self._pending.get(reply.correlationid or "")
         if future is None or future.done():

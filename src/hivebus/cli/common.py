@@ -37,12 +37,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_show_locals=False,  # locals may hold passwords and tokens
 )
-events_app = typer.Typer(help="Read stored events.", no_args_is_help=True)
-dlq_app = typer.Typer(
-    help="Inspect, replay and purge dead letters.", no_args_is_help=True
-)
-app.add_typer(events_app, name="events")
-app.add_typer(dlq_app, name="dlq")
 
 console = Console()
 errors = Console(stderr=True)

@@ -22,7 +22,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from hivebus.config import DAY
 from hivebus.context.diff import diff_contexts
@@ -35,6 +35,7 @@ from hivebus.context.models import (
     ContextStatus,
     StatusKind,
 )
+from hivebus.context.schemas import DEFAULT_MAX_BYTES, ContextData, ContextSchemas
 from hivebus.context.store import ContextStore, NewVersion, to_context
 from hivebus.context.validation import (
     ContextHandler,
@@ -59,10 +60,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-ContextData = BaseModel | dict[str, Any]
 Change = Callable[[Context], ContextData | Awaitable[ContextData | None] | None]
 
-DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_ATTEMPTS = 10
 RETRY_PAUSE_CAP = 0.05  # seconds; longest random pause between retried updates
 
@@ -89,84 +88,22 @@ class ContextManager:
             )
             raise ConfigError(msg)
         self.bus = bus
-        self.max_bytes = max_bytes
+        self.schemas = ContextSchemas(max_bytes)
         self._store = ContextStore(bus.keys, retention)
-        self._schemas: dict[str, type[BaseModel]] = {}
         self.metrics = ContextMetrics(lambda: bus.client, bus.keys)
         if STATUS_TYPE not in bus.types:
             bus.types.register(STATUS_TYPE, ContextStatus)
 
-    # -- schemas ---------------------------------------------------------
-
     def register_schema(self, name: str, model: type[ModelT]) -> type[ModelT]:
         """Register ``model`` as context schema ``name`` and return it."""
-        known = self._schemas.get(name)
-        if known is not None and known is not model:
-            msg = (
-                f"context schema {name!r} is already registered to "
-                f"{known.__qualname__}; register {model.__qualname__} under "
-                "another name"
-            )
-            raise ConfigError(msg)
-        self._schemas[name] = model
-        return model
-
-    def _schema_of(self, data: ContextData, schema: str | None) -> str | None:
-        if schema is not None or not isinstance(data, BaseModel):
-            return schema
-        for name, model in self._schemas.items():
-            if model is type(data):
-                return name
-        msg = (
-            f"model {type(data).__qualname__} is not a registered context schema: "
-            "call `register_schema(NAME, Model)`, or pass the data as a dict"
-        )
-        raise ConfigError(msg)
+        return self.schemas.register(name, model)
 
     def _encode(self, context_id: str, schema: str | None, data: Any) -> str:
-        """Validate ``data`` against ``schema`` and return it as compact JSON."""
-        if schema is not None:
-            data = self._validate(context_id, schema, data)
-        elif isinstance(data, BaseModel):
-            data = data.model_dump(mode="json")
-        if not isinstance(data, dict):
-            msg = (
-                f"data of context {context_id!r} must be a JSON object (dict), "
-                f"got {type(data).__name__}"
-            )
-            raise ContextValidationError(msg)
         try:
-            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            msg = f"data of context {context_id!r} is not JSON-serialisable: {exc}"
-            raise ContextValidationError(msg) from exc
-        size = len(text.encode())
-        if size > self.max_bytes:
-            msg = (
-                f"data of context {context_id!r} is {size} bytes, over the limit of "
-                f"{self.max_bytes}; keep large documents elsewhere and store a "
-                "reference, or raise `max_bytes`"
-            )
-            raise ContextValidationError(msg)
-        return text
-
-    def _validate(self, context_id: str, schema: str, data: Any) -> dict[str, Any]:
-        model = self._schemas.get(schema)
-        if model is None:
-            msg = (
-                f"context {context_id!r} uses schema {schema!r}, which this process "
-                f"has not registered; call `register_schema({schema!r}, Model)`"
-            )
-            raise ConfigError(msg)
-        if isinstance(data, BaseModel) and not isinstance(data, model):
-            data = data.model_dump(mode="json")
-        try:
-            valid = data if isinstance(data, model) else model.model_validate(data)
-        except ValidationError as exc:
+            return self.schemas.encode(context_id, schema, data)
+        except ContextValidationError:
             self.metrics.count("validation_failures")
-            msg = f"data of context {context_id!r} fails schema {schema!r}: {exc}"
-            raise ContextValidationError(msg) from exc
-        return valid.model_dump(mode="json")
+            raise
 
     # -- create and read -------------------------------------------------
 
@@ -192,7 +129,7 @@ class ContextManager:
             context_id: an id of your choice; a new ULID by default.
         """
         context_id = check_name("context id", context_id or new_event_id())
-        schema = self._schema_of(data, schema)
+        schema = self.schemas.name_of(data, schema)
         text = self._encode(context_id, schema, data)
         owner = owner or self.bus.settings.service
         types = sorted(event_types) if event_types is not None else None
@@ -295,7 +232,7 @@ class ContextManager:
 
         Args:
             version: the version the new data was derived from.
-            cause: the event that asked for the change; its type must be one
+            cause: the event that requested the change; its type must be one
                 the context accepts, and its id is recorded.
 
         Raises:

@@ -9,6 +9,7 @@ takes the lease over at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -58,13 +59,14 @@ class ProjectManager(Member):
             return
         if not await self.store.claim(task.id, f"pm:{created.plan_version}", event.id):
             return
-        await self.report(task.id, "started", event)
+        version = created.plan_version
+        await self.report(task.id, "started", event, round=version)
         try:
             stories = await self._stories(task, created, event)
         except TaskStopped:
             return
         except BrainError as exc:
-            await self.report(task.id, "failed", event, detail=str(exc))
+            await self.report(task.id, "failed", event, round=version, detail=str(exc))
             failed = WorkFailed(task_id=task.id, role="pm", reason=str(exc))
             await self.emit(RESULTS_CHANNEL, failed, task_id=task.id, cause=event.id)
             return
@@ -76,19 +78,19 @@ class ProjectManager(Member):
                 index=index,
                 total=len(stories),
             )
-            await delivery.run_once(
-                f"story:{index}",
-                lambda p=payload: self.emit(  # type: ignore[misc]
-                    STORIES_CHANNEL,
-                    p,
-                    task_id=task.id,
-                    cause=event.id,
-                    subject=p.story.key,
-                ),
+            publish = functools.partial(
+                self.emit,
+                STORIES_CHANNEL,
+                payload,
+                task_id=task.id,
+                cause=event.id,
+                subject=story.key,
             )
+            await delivery.run_once(f"story:{index}", publish)
         summary = {"summary": created.plan.summary, "stories": _titles(stories)}
         await self.record_context(task, "planning", "plan", summary, event)
-        await self.report(task.id, "done", event, detail=f"{len(stories)} stories")
+        detail = f"{len(stories)} stories"
+        await self.report(task.id, "done", event, round=version, detail=detail)
 
     async def _stories(
         self, task: TaskRecord, created: PlanCreated, event: Event[Any]

@@ -213,6 +213,7 @@ class TaskClient:
                     _check_awaiting(task)
                     values = {
                         "approval": "approved" if approve else "rejected",
+                        "approval_version": str(task.plan_version),
                         "status": "running" if approve else "planning",
                         "comment": comment,
                         "updated_ms": str(now_ms()),

@@ -74,6 +74,7 @@ class Master(Planner):
             return
         task = await self.active_task(result.task_id, event)
         if task is None:
+            await self._announce_end_again(result.task_id, event)
             return
         if isinstance(result, ImplementationDone):
             await self._implemented(task, result, event, delivery)
@@ -84,6 +85,12 @@ class Master(Planner):
         elif isinstance(result, WorkFailed):
             await self._work_failed(task, result, event)
 
+    async def _announce_end_again(self, task_id: str, event: Event[Any]) -> None:
+        """Announce a task's end again if ``event`` ended it (a redelivery)."""
+        final = await self.crew.progress.ending(task_id)
+        if final is not None and final.cause == event.id:
+            await self.end_task(task_id, final.status, final.reason, event.id)
+
     async def _accept(
         self,
         task: TaskRecord,
@@ -92,8 +99,15 @@ class Master(Planner):
         name: str,
         event: Event[Any],
     ) -> dict[str, str] | None:
-        """Return the story's state if ``event`` is its current, first result."""
+        """Return the story's state if ``event`` is its current, first result.
+
+        A redelivery of the accepted event is accepted again, whatever the
+        story's state now, so that it finishes the steps its first run did
+        not reach. Those steps are written so that repeating them is safe.
+        """
         state = await self.store.story(task.id, key)
+        if state.get(name) == event.id:
+            return state
         current = state.get("status") == "in_progress" and (
             round is None or state.get("round") == str(round)
         )
@@ -211,9 +225,8 @@ class Master(Planner):
         delivery: Delivery,
     ) -> None:
         following = round + 1
-        await self.store.set_story(
-            task.id, story.key, round=following, round_started_ms=now_ms()
-        )
+        if not await self.store.advance_round(task.id, story.key, round):
+            return  # a later round has started: this is a stale redelivery
         message = (
             f"{story.key} failed round {round} with {len(findings)} finding(s); "
             f"back to the developer for round {following} of {task.max_test_rounds}"

@@ -81,7 +81,19 @@ class Planner(Member):
         cause: Event[Any],
         delivery: Delivery,
     ) -> None:
-        await self.store.update(task.id, status="planning", plan_version=version)
+        def not_planned(current: TaskRecord) -> bool:
+            if current.plan_version != version:
+                return current.plan_version < version
+            return current.status in ("submitted", "planning")
+
+        if not await self.store.update(
+            task.id, when=not_planned, status="planning", plan_version=version
+        ):
+            logger.info(
+                "planning step repeated, state kept task=%s plan_version=%d",
+                task.id,
+                version,
+            )
         await self.report(task.id, "started", cause, round=version)
         try:
             plan = await self._make_plan(task, version, comment, cause)
@@ -141,14 +153,23 @@ class Planner(Member):
         self, task: TaskRecord, version: int, count: int, cause: Event[Any]
     ) -> None:
         deadline = now_ms() + int(self.approval_timeout * 1000)
-        await self.store.update(
+
+        def undecided(current: TaskRecord) -> bool:
+            decided = current.approval in ("approved", "rejected")
+            return current.plan_version == version and not (
+                decided and current.approval_version == version
+            )
+
+        if not await self.store.update(
             task.id,
+            when=undecided,
             status="awaiting_approval",
             approval="pending",
             approval_deadline_ms=deadline,
             awaiting_since_ms=now_ms(),
             awaiting_event=cause.id,
-        )
+        ):
+            return
         await self.bus.client.zadd(self.bus.keys.tasks_awaiting, {task.id: deadline})
         message = (
             f"plan version {version} with {count} stories awaits approval: "

@@ -5,8 +5,8 @@ work: ``plan/master``, ``plan/pm`` and, per story, ``S1/developer``,
 ``S1/ux`` and ``S1/tester``, plus one field per story with its status. Each
 change to the board appends an update to the task's progress stream
 (``P:task:{ID}:progress``) in the same transaction, so the stream ids
-increase and a client that resumes after the last id it saw misses nothing
-and sees nothing twice.
+increase. A client that resumes after the last id it read gets every later
+update exactly once.
 
 A task ends once: ``finish`` sets the end marker, the end state and the
 final update together. Later updates are dropped, so the final update is
@@ -118,34 +118,29 @@ class ProgressLog:
                     if expect_status and _text(current_status) != expect_status:
                         await pipe.reset()  # type: ignore[no-untyped-call]
                         return None
-                    current = _load_board(await pipe.hgetall(board_key))
-                    final = ProgressUpdate(
-                        task_id=task_id,
-                        kind="end",
-                        status=status,
-                        percent=100 if status == "completed" else percent(current),
-                        reason=reason,
-                        message=f"task {status}" + (f": {reason}" if reason else ""),
-                        final=True,
-                        cause=cause,
-                        time_ms=now_ms(),
-                    )
+                    board = _load_board(await pipe.hgetall(board_key))
+                    final = _final(task_id, status, reason, cause, board)
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(end_key, final.model_dump_json())
-                    pipe.hset(
-                        task_key,
-                        mapping={
-                            "status": status,
-                            "reason": reason or "",
-                            "ended_ms": final.time_ms,
-                            "updated_ms": final.time_ms,
-                        },
-                    )
-                    pipe.xadd(self._key(task_id, "progress"), _fields(final))
+                    self._write_end(pipe, final)
                     replies = await pipe.execute()
                     return final.model_copy(update={"id": _text(replies[-1])})
                 except WatchError:
                     continue
+
+    def _write_end(self, pipe: Any, final: ProgressUpdate) -> None:
+        """Queue the end marker, the end state and the final update."""
+        task_id = final.task_id
+        pipe.set(self._key(task_id, "end"), final.model_dump_json())
+        pipe.hset(
+            self.keys.task(task_id),
+            mapping={
+                "status": final.status,
+                "reason": final.reason or "",
+                "ended_ms": final.time_ms,
+                "updated_ms": final.time_ms,
+            },
+        )
+        pipe.xadd(self._key(task_id, "progress"), _fields(final))
 
     async def ending(self, task_id: str) -> ProgressUpdate | None:
         """Return the task's final update, or None while it runs."""
@@ -209,7 +204,7 @@ def percent(board: Board, previous: Board | None = None) -> int:
 
     Planning counts for ``PLAN_SHARE`` percent and the stories' units of
     work for the rest. The value never falls below the one stored before,
-    so a story sent back for another round holds the bar still.
+    so a story sent back for another round keeps the bar where it was.
     """
     plan_units = [v for k, v in board.items() if k.startswith("plan/")]
     story_units = [
@@ -222,6 +217,22 @@ def percent(board: Board, previous: Board | None = None) -> int:
         value += (100 - PLAN_SHARE) * done / len(story_units)
     before = (previous or board).get("percent", {}).get("value", 0)
     return max(int(value), int(before))
+
+
+def _final(
+    task_id: str, status: str, reason: str | None, cause: str, board: Board
+) -> ProgressUpdate:
+    return ProgressUpdate(
+        task_id=task_id,
+        kind="end",
+        status=status,
+        percent=100 if status == "completed" else percent(board),
+        reason=reason,
+        message=f"task {status}" + (f": {reason}" if reason else ""),
+        final=True,
+        cause=cause,
+        time_ms=now_ms(),
+    )
 
 
 def _newer(current: Board, changes: Board) -> Board:

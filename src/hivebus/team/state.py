@@ -1,8 +1,10 @@
-"""Task state in Redis: the record, plans, stories, rounds, tokens and the tree.
+"""Task state in Redis: the record, plans, stories, rounds and work leases.
 
-Every key of a task shares the hash tag ``{TASK_ID}`` (see ``Keys.task``).
-Nothing here lives in a process: a master or agent that restarts reads the
-same state back, so a restart never repeats a plan or resets a round count.
+``TaskStore`` also has the append-only records of ``TaskLedger`` (tokens,
+brain calls, prompt changes, the event tree). Every key of a task shares
+the hash tag ``{TASK_ID}`` (see ``Keys.task``). Nothing here lives in a
+process: a master or agent that restarts reads the same state back, so a
+restart never repeats a plan or resets a round count.
 
 Handlers may race for a step, such as acting on the event that completes a
 plan's stories. Such steps are claimed with ``claim``, which stores the
@@ -16,18 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import WatchError
 
-from hivebus.connection import Redis
 from hivebus.errors import TaskNotFoundError
-from hivebus.events import Event
-from hivebus.keys import Keys
-from hivebus.team.brain import Usage
+from hivebus.team.ledger import TaskLedger
 from hivebus.team.models import END_STATES, TaskSubmitted
-from hivebus.team.tree import summarize
 from hivebus.team.work import Plan, Story
 
 logger = logging.getLogger(__name__)
@@ -60,6 +59,7 @@ class TaskRecord:
     token_budget: int | None
     plan_version: int
     approval: str  # "", "pending", "approved" or "rejected"
+    approval_version: int  # the plan version that ``approval`` is about
     comment: str
     created_ms: int
     updated_ms: int
@@ -89,6 +89,7 @@ class TaskRecord:
             token_budget=int(budget) if budget else None,
             plan_version=int(fields.get("plan_version", "0")),
             approval=fields.get("approval", ""),
+            approval_version=int(fields.get("approval_version", "0")),
             comment=fields.get("comment", ""),
             created_ms=int(fields.get("created_ms", "0")),
             updated_ms=int(fields.get("updated_ms", "0")),
@@ -104,16 +105,8 @@ class TaskRecord:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-class TaskStore:
+class TaskStore(TaskLedger):
     """Read and change team tasks in Redis under one key prefix."""
-
-    def __init__(self, client: Redis, keys: Keys) -> None:
-        self.client = client
-        self.keys = keys
-
-    def key(self, task_id: str, *parts: str) -> str:
-        """Return the key of a task, or of one of its parts."""
-        return self.keys.task(task_id, *parts)
 
     # -- the task record -------------------------------------------------
 
@@ -168,8 +161,20 @@ class TaskStore:
         records = [await self.find(_text(task_id)) for task_id in ids]
         return [record for record in records if record is not None]
 
-    async def update(self, task_id: str, **fields: str | int) -> None:
-        """Set fields of a task that has not ended; an ended task is left alone."""
+    async def update(
+        self,
+        task_id: str,
+        *,
+        when: Callable[[TaskRecord], bool] | None = None,
+        **fields: str | int,
+    ) -> bool:
+        """Set fields of a task that has not ended and passes ``when``.
+
+        The check and the write are one transaction. A redelivered handler
+        passes a ``when`` that is false once the task moved on, so that
+        repeating a step cannot move the task back. Returns whether the
+        fields were set.
+        """
         key = self.key(task_id)
         values = {name: str(value) for name, value in fields.items()}
         values["updated_ms"] = str(now_ms())
@@ -177,14 +182,18 @@ class TaskStore:
             while True:
                 try:
                     await pipe.watch(key)
-                    status = _text(await pipe.hget(key, "status") or b"")
-                    if status in END_STATES:
+                    current = _decode(await pipe.hgetall(key))
+                    if "id" not in current:
                         await pipe.reset()  # type: ignore[no-untyped-call]
-                        return
+                        return False
+                    task = TaskRecord.from_hash(current)
+                    if task.ended or (when is not None and not when(task)):
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return False
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.hset(key, mapping=values)  # type: ignore[arg-type]
                     await pipe.execute()
-                    return
+                    return True
                 except WatchError:
                     continue
 
@@ -255,6 +264,33 @@ class TaskStore:
             pipe.hsetnx(self.key(task_id, "story", key), name, str(value))
         await pipe.execute()
 
+    async def advance_round(self, task_id: str, key: str, current: int) -> bool:
+        """Move a story from round ``current`` to the next one, once.
+
+        Returns True if the story is now in round ``current + 1`` (moved now,
+        or by an earlier run of the same step), and False if it is already
+        past it, so that a late repeat cannot move a story back.
+        """
+        story_key = self.key(task_id, "story", key)
+        following = current + 1
+        async with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(story_key)
+                    round = int(await pipe.hget(story_key, "round") or 0)
+                    if round != current:
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return round == following
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.hset(
+                        story_key,
+                        mapping={"round": following, "round_started_ms": now_ms()},
+                    )
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
     async def accept(self, task_id: str, key: str, result: str, event_id: str) -> bool:
         """Accept ``event_id`` as the story's ``result`` unless another was first.
 
@@ -264,80 +300,6 @@ class TaskStore:
         story_key = self.key(task_id, "story", key)
         await self.client.hsetnx(story_key, result, event_id)
         return _text(await self.client.hget(story_key, result) or b"") == event_id
-
-    # -- cost --------------------------------------------------------------
-
-    async def add_usage(self, task_id: str, role: str, usage: Usage, calls: int) -> int:
-        """Add one brain call's usage to the role's totals; return the task total."""
-        pipe = self.client.pipeline(transaction=True)
-        key = self.key(task_id, "tokens")
-        pipe.hincrby(key, f"{role}:prompt", usage.prompt_tokens)
-        pipe.hincrby(key, f"{role}:completion", usage.completion_tokens)
-        pipe.hincrby(key, f"{role}:calls", calls)
-        if usage.estimated:
-            pipe.hincrby(key, f"{role}:estimated", usage.total)
-        pipe.hincrby(key, "total", usage.total)
-        replies = await pipe.execute()
-        return int(replies[-1])
-
-    async def tokens(self, task_id: str) -> dict[str, dict[str, int]]:
-        """Return tokens per role (prompt, completion, total, estimated, calls)."""
-        raw = _decode(await self.client.hgetall(self.key(task_id, "tokens")))
-        totals: dict[str, dict[str, int]] = {}
-        for name, value in raw.items():
-            role, _, part = name.partition(":")
-            if part:
-                totals.setdefault(role, {})[part] = int(value)
-        for role_totals in totals.values():
-            role_totals["total"] = role_totals.get("prompt", 0) + role_totals.get(
-                "completion", 0
-            )
-        totals["task"] = {"total": int(raw.get("total", "0"))}
-        return totals
-
-    async def total_tokens(self, task_id: str) -> int:
-        """Return the tokens the task has used so far."""
-        return int(await self.client.hget(self.key(task_id, "tokens"), "total") or 0)
-
-    async def record_call(self, task_id: str, call: dict[str, Any]) -> None:
-        """Append one brain call (role, story, prompt version, usage) to the task."""
-        await self.client.rpush(self.key(task_id, "calls"), json.dumps(call))
-
-    async def calls(self, task_id: str) -> list[dict[str, Any]]:
-        """Return the task's brain calls in the order they finished."""
-        rows = await self.client.lrange(self.key(task_id, "calls"), 0, -1)
-        return [json.loads(row) for row in rows]
-
-    # -- prompt changes and the event tree --------------------------------
-
-    async def record_prompt_change(self, task_id: str, change: dict[str, Any]) -> None:
-        """Append a prompt version that this task's outcome produced."""
-        await self.client.rpush(self.key(task_id, "prompts"), json.dumps(change))
-
-    async def prompt_changes(self, task_id: str) -> list[dict[str, Any]]:
-        """Return the prompt versions this task's outcome produced."""
-        rows = await self.client.lrange(self.key(task_id, "prompts"), 0, -1)
-        return [json.loads(row) for row in rows]
-
-    async def record_dead_letter(self, task_id: str, notice: dict[str, Any]) -> None:
-        """Append the notice of one of the task's events that was dead-lettered."""
-        await self.client.rpush(self.key(task_id, "dead"), json.dumps(notice))
-
-    async def dead_letters(self, task_id: str) -> list[dict[str, Any]]:
-        """Return the dead-letter notices of the task's events."""
-        rows = await self.client.lrange(self.key(task_id, "dead"), 0, -1)
-        return [json.loads(row) for row in rows]
-
-    async def record_event(self, task_id: str, event: Event[Any], channel: str) -> None:
-        """Append a summary of one of the task's events, for the event tree."""
-        await self.client.rpush(
-            self.key(task_id, "events"), json.dumps(summarize(event, channel))
-        )
-
-    async def events(self, task_id: str) -> list[dict[str, Any]]:
-        """Return the summaries of the task's events in the order they were sent."""
-        rows = await self.client.lrange(self.key(task_id, "events"), 0, -1)
-        return [json.loads(row) for row in rows]
 
     # -- work leases -------------------------------------------------------
 
