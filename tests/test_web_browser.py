@@ -1,6 +1,7 @@
 """The dashboard in headless Chromium: submit a task, watch it, replay a dead letter.
 
-Screenshots of each page go to docs/screenshots/, for docs/dashboard.md.
+Screenshots of each page go to a temporary folder, or to docs/screenshots/
+for docs/dashboard.md when HIVEBUS_SAVE_SCREENSHOTS=1 is set.
 The test needs Debian's Chromium at /usr/bin/chromium, which scripts/test
 installs when it can. Playwright's Python package drives it, and no browser
 of Playwright's own is downloaded.
@@ -9,6 +10,8 @@ of Playwright's own is downloaded.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SCREENSHOTS = (
+    DOCS_SCREENSHOTS
+    if os.environ.get("HIVEBUS_SAVE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / f"hivebus-screenshots-{os.getpid()}"
+)
 WAIT_MS = 30_000  # maximum wait for a page to show a state, in milliseconds
 
 pytestmark = [
