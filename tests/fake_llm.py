@@ -110,7 +110,7 @@ class FakeLLM:
         return f"http://{host!s}:{port}{self._root}"
 
     def script(self, role: str, *replies: Reply) -> None:
-        """Respond to ``role``'s requests with ``replies`` in order; the last repeats."""
+        """Answer ``role``'s requests with ``replies`` in order; the last repeats."""
         with self._lock:
             self._scripts[role] = list(replies)
 
