@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+__version__ = "0.1.0"  # set before the imports below, which read it
+
 from hivebus.breaker import BreakerConfig, CircuitBreaker
 from hivebus.bus import Bus
 from hivebus.config import Settings
+from hivebus.context.cache import ContextCache
+from hivebus.context.manager import ContextManager
+from hivebus.context.models import Context
 from hivebus.dlq import DeadLetterEntry, DeadLetterQueue
+from hivebus.error_handler import ErrorHandler
 from hivebus.errors import (
     BreakerOpenError,
     ConfigError,
@@ -23,8 +29,7 @@ from hivebus.events import Event, EventTypes
 from hivebus.publisher import PublishResult
 from hivebus.retry import RetryPolicy
 from hivebus.subscription import Delivery
-
-__version__ = "0.1.0"
+from hivebus.team.runner import Team
 
 __all__ = [
     "BreakerConfig",
@@ -32,11 +37,15 @@ __all__ = [
     "Bus",
     "CircuitBreaker",
     "ConfigError",
+    "Context",
+    "ContextCache",
     "ContextConflictError",
+    "ContextManager",
     "DeadLetter",
     "DeadLetterEntry",
     "DeadLetterQueue",
     "Delivery",
+    "ErrorHandler",
     "Event",
     "EventNotFoundError",
     "EventTypes",
@@ -49,5 +58,6 @@ __all__ = [
     "RetryLater",
     "RetryPolicy",
     "Settings",
+    "Team",
     "__version__",
 ]
