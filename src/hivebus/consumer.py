@@ -26,6 +26,7 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
+from hivebus.acks import AckBatcher
 from hivebus.breaker import CircuitBreaker
 from hivebus.connection import TRANSIENT_ERRORS, Backoff, Redis, is_nogroup
 from hivebus.dlq import DeadLetterQueue
@@ -45,6 +46,7 @@ from hivebus.subscription import Subscription
 logger = logging.getLogger(__name__)
 
 BLOCK_MS = 500  # maximum wait for new entries, so also how late a due retry starts
+RETRY_POLL = 0.1  # seconds between looks for due retries and replays
 TRIM_INTERVAL = 30.0  # seconds between age trims of the stream
 HALF_OPEN_POLL = 0.2  # seconds between breaker checks while another probe runs
 # An unexpected error in the consume loop (a bug, or a reply hivebus does not
@@ -100,6 +102,7 @@ class DurableConsumer:
             redo=self.redo,
             max_event_bytes=max_event_bytes,
             event_ttl_ms=int(event_ttl * 1000),
+            acks=AckBatcher(client, subscription.group, redo=self.redo),
         )
         self._handler = EntryHandler(
             subscription,
@@ -125,6 +128,8 @@ class DurableConsumer:
         self._suspects: list[tuple[str, str]] = []
         self._next_claim = 0.0
         self._next_trim = 0.0
+        self._next_move = 0.0
+        self._redo_waiting = True  # whether the redo stream may hold unread entries
         self._drain_timeout: float | None = None
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -326,7 +331,10 @@ class DurableConsumer:
         COUNT applies to each stream, and one read of both could return
         twice the concurrency limit.
         """
-        entries = await self._read_stream(self.redo, count, block=None)
+        entries: list[Entry] = []
+        if self._redo_waiting:
+            entries = await self._read_stream(self.redo, count, block=None)
+            self._redo_waiting = len(entries) == count
         if len(entries) < count:
             block = None if entries else self._block_ms
             entries += await self._read_stream(
@@ -382,7 +390,8 @@ class DurableConsumer:
 
     async def _upkeep(self) -> None:
         now = time.monotonic()
-        await self._move_due_retries()
+        if now >= self._next_move:
+            await self._move_due_retries(now)
         if now >= self._next_claim:
             self._next_claim = now + max(0.1, self.sub.claim_timeout / 4)
             if self._alone is None and not self._suspects:
@@ -391,10 +400,19 @@ class DurableConsumer:
             self._next_trim = now + self.trim_interval
             await self.trim()
 
-    async def _move_due_retries(self) -> None:
-        moved, _ = await self._scripts.move_due(
+    async def _move_due_retries(self, now: float) -> None:
+        """Move due retries to the redo stream, and plan the next look.
+
+        The next look comes when the next known retry is due, and at least
+        every ``RETRY_POLL`` seconds, because other processes schedule
+        retries and replays too.
+        """
+        moved, wait_ms = await self._scripts.move_due(
             keys=[self.retry_set, self.redo], args=[self.sub.batch]
         )
+        wait = RETRY_POLL if int(wait_ms) < 0 else min(RETRY_POLL, int(wait_ms) / 1000)
+        self._next_move = now + wait
+        self._redo_waiting = True
         if moved:
             logger.debug(
                 "due retries moved subscription=%s count=%d", self.sub.name, moved

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hivebus import codec, metrics, tracing
+from hivebus.acks import AckBatcher
 from hivebus.breaker import CircuitBreaker, Permit
 from hivebus.connection import TRANSIENT_ERRORS, Redis
 from hivebus.dlq import DeadLetterQueue, Failure
@@ -78,6 +79,7 @@ class HandlerContext:
     redo: str
     max_event_bytes: int
     event_ttl_ms: int
+    acks: AckBatcher
 
 
 class EntryHandler:
@@ -251,11 +253,7 @@ class EntryHandler:
     async def ack(self, entry: Entry) -> None:
         """Acknowledge ``entry``; a redo-stream entry is deleted in the same step."""
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.xack(entry.stream, self.sub.group, entry.id)
-                if entry.stream == self._ctx.redo:
-                    pipe.xdel(entry.stream, entry.id)
-                await pipe.execute()
+            await self._ctx.acks.ack(entry.stream, entry.id)
         except TRANSIENT_ERRORS as exc:
             logger.error(
                 "ack failed, entry will be delivered again subscription=%s "
