@@ -1,10 +1,10 @@
 """Broadcast delivery latency at a steady publish rate (default 2,000 events/s).
 
 The listener runs in a child process and the publisher in this one, so each
-event crosses two processes and Redis. The publisher writes its clock
-(``time.monotonic_ns``, which is system-wide on Linux) into each event just
-before it publishes it; the listener subtracts that from its own clock when
-its handler gets the event. The first second of events is not counted.
+event crosses two processes and Redis. Just before it publishes an event,
+the publisher writes its clock (``time.monotonic_ns``, one clock for all
+processes on Linux) into it. The listener's handler subtracts that from its
+own clock. The first second of events is not counted.
 
 - ``hivebus``: ``bus.publish(channel, Tick(...))`` (SET PX + PUBLISH), and a
   ``@bus.subscribe(channel)`` handler that reads the typed event.
@@ -44,7 +44,7 @@ from harness import (
 CHANNEL = "ticks"
 TICK_TYPE = "bench.tick"
 PADDING = "p" * 100  # brings each event to about 300 bytes
-STOP = -1  # the sequence number that tells the listener to report
+STOP = -1  # the sequence number after which the listener reports
 ROLES = ("hivebus", "raw")
 
 

@@ -1,10 +1,10 @@
 """Durable delivery end to end: a consumer process drains a pre-published stream.
 
 The parent adds N events (default 20,000, about 300 bytes each) to a stream,
-then starts one consumer process and times it from the consumer's start
-(connect, create the group) until every entry is read, handled and acked:
-the consumer waits until its handler has seen N events, then polls XPENDING
-until the group has nothing pending.
+then starts one consumer process. The consumer times itself from its start
+(connect, create the group) until every entry is read, handled and acked.
+It waits until its handler has seen N events, then polls XPENDING until the
+group has nothing pending.
 
 - ``hivebus``: a bus with one durable subscription at its defaults
   (``concurrency=16``, ``batch=100``; ``--concurrency`` changes the first);

@@ -8,8 +8,8 @@ event, the commands hivebus sends (read ``hivebus/publisher.py``):
   then ``XINFO GROUPS stream`` once per pipeline;
 - broadcast: ``SET event PX ttl`` and ``PUBLISH channel body``.
 
-hivebus builds, validates and encodes each event; the raw side sends a body
-encoded once up front, so the raw number is the cost of the Redis traffic
+hivebus builds, validates and encodes each event. The raw side sends a body
+encoded once up front, so the raw number is the cost of redis-py and Redis
 alone. The durable stream has one consumer group and the broadcast channel
 one subscriber (a ``redis-cli`` process), so every event is delivered and
 hivebus never counts an unobserved one.

@@ -88,9 +88,9 @@ async def alternate(
 ) -> dict[str, list[float]]:
     """Run each variant once per round and return every round's result.
 
-    Taking turns spreads the noise of a shared machine over every variant
-    instead of letting it land on whichever runs last; the order flips
-    every round so that no variant always runs first.
+    Taking turns spreads the noise of a shared machine over every variant,
+    instead of letting it land on whichever runs last. The order flips every
+    round, so that no variant always runs first.
     """
     results: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)

@@ -70,9 +70,9 @@ def _decode_typed(body: bytes, types: EventTypes) -> Event[Any] | None:
 
     This is the fast path for an event of a registered type: it costs about
     half of parsing the envelope and then validating its data. None means
-    the type could not be read cheaply, is not registered, or validation
-    failed; the caller then takes the two-step path, which returns the same
-    event or raises the precise error.
+    that the type could not be read cheaply, is not registered, or failed
+    validation. The caller then takes the two-step path, which returns the
+    same event or raises the precise error.
     """
     match = _TYPE_MEMBER.search(body)
     if match is None:

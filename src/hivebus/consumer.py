@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK_MS = 500  # maximum wait for new entries, so also how late a due retry starts
 RETRY_POLL = 0.1  # seconds between looks for due retries and replays
+READ_DEFER = 0.005  # seconds a read waits for more free slots when few are free
 TRIM_INTERVAL = 30.0  # seconds between age trims of the stream
 HALF_OPEN_POLL = 0.2  # seconds between breaker checks while another probe runs
 # An unexpected error in the consume loop (a bug, or a reply hivebus does not
@@ -130,6 +131,7 @@ class DurableConsumer:
         self._next_trim = 0.0
         self._next_move = 0.0
         self._redo_waiting = True  # whether the redo stream may hold unread entries
+        self._min_read = max(1, min(subscription.batch, subscription.concurrency) // 4)
         self._drain_timeout: float | None = None
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -306,6 +308,15 @@ class DurableConsumer:
             return
 
         limit = self.sub.concurrency - self.in_flight
+        if self.in_flight and limit < self._min_read:
+            # Give busy handlers a moment to free more slots: reading one or
+            # two entries per round trip costs more than this short wait.
+            await asyncio.wait(
+                list(self._in_flight.values()),
+                timeout=READ_DEFER,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            limit = self.sub.concurrency - self.in_flight
         if self._breaker is not None:
             wait, allowed = await self._breaker_gate()
             if allowed == 0:

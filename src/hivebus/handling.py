@@ -155,13 +155,17 @@ class EntryHandler:
                 await _finish(self._breaker.release(permit))
             raise
         except Exception as exc:
-            await _finish(self._record(permit, success=False))
+            if permit is not None:
+                await _finish(self._record(permit, success=False))
             await _finish(self._failed(entry, body, event, attempt, first_ms, exc))
             return
 
-        await _finish(self._record(permit, success=True))
-        await _finish(self.ack(entry))
+        await _finish(self._succeeded(entry, permit))
         self._stats.handled += 1
+
+    async def _succeeded(self, entry: Entry, permit: Permit | None) -> None:
+        await self._record(permit, success=True)
+        await self.ack(entry)
 
     async def _record(self, permit: Permit | None, *, success: bool) -> None:
         if permit is not None and self._breaker is not None:

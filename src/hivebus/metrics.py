@@ -19,6 +19,7 @@ from Redis (named ``hivebus_shared_*``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter, defaultdict
@@ -205,7 +206,7 @@ def published(client: Redis, keys: Keys, event_types: Iterable[str]) -> None:
     """Count events that were published (stored and delivered) through ``client``."""
     share = _share(client, keys)
     for event_type in event_types:
-        EVENTS_PUBLISHED.labels(event_type).inc()
+        _published_child(event_type).inc()
         share.add(f"published:{event_type}")
 
 
@@ -227,6 +228,24 @@ def dead_lettered(
 def context_cache(*, hit: bool) -> None:
     """Count one context read, served from the local cache (hit) or not (miss)."""
     (CONTEXT_CACHE_HITS if hit else CONTEXT_CACHE_MISSES).inc()
+
+
+@functools.cache
+def _published_child(event_type: str) -> Any:
+    """Return the labelled publish counter once per event type."""
+    return EVENTS_PUBLISHED.labels(event_type)
+
+
+@functools.cache
+def _handled_child(subscription: str, event_type: str, outcome: str) -> Any:
+    """Return the labelled counter once per label set; ``labels`` is slow."""
+    return EVENTS_HANDLED.labels(subscription, event_type, outcome)
+
+
+@functools.cache
+def _seconds_child(subscription: str, event_type: str) -> Any:
+    """Return the labelled histogram once per label set."""
+    return HANDLER_SECONDS.labels(subscription, event_type)
 
 
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
@@ -265,8 +284,8 @@ class handler_timer:  # lowercase: used like a function, in `async with`
             return
         seconds = time.perf_counter() - self._start
         outcome = "success" if exc_type is None else "failure"
-        EVENTS_HANDLED.labels(self._subscription, self._type, outcome).inc()
-        HANDLER_SECONDS.labels(self._subscription, self._type).observe(seconds)
+        _handled_child(self._subscription, self._type, outcome).inc()
+        _seconds_child(self._subscription, self._type).observe(seconds)
         share = _share(self._client, self._keys)
         name = f"{self._subscription}:{self._type}"
         share.add_seconds(f"seconds:{name}", seconds)

@@ -226,10 +226,10 @@ class Publisher:
         """Write encoded commands on the publisher's connection and read each reply.
 
         The publisher encodes commands itself and keeps a connection of its
-        own because redis-py's Pipeline and pool cost about as much CPU per
-        command as the network round trip they save. One timeout covers the
-        whole batch. ``_in_flight`` keeps the writer task and callers that
-        send directly to one batch at a time.
+        own, because redis-py's Pipeline and connection pool were the largest
+        CPU cost of a publish in ``bench/bench_publish.py``. One timeout
+        covers the whole batch. ``_in_flight`` keeps the writer task and the
+        callers that send directly to one batch at a time.
         """
         connection = self._own_connection()
         replies: list[Any] = []
@@ -247,7 +247,8 @@ class Publisher:
     def _own_connection(self) -> AbstractConnection:
         """Return the publisher's connection, made with the pool's settings.
 
-        Its client name ends in ``:publisher``, so CLIENT LIST tells it apart.
+        Its client name ends in ``:publisher``, so that CLIENT LIST shows which
+        connection it is.
         """
         if self._connection is None:
             pool = self._client.connection_pool
