@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"  # set before the imports below, which read it
 
 from hivebus.breaker import BreakerConfig, CircuitBreaker
@@ -29,7 +31,21 @@ from hivebus.events import Event, EventTypes
 from hivebus.publisher import PublishResult
 from hivebus.retry import RetryPolicy
 from hivebus.subscription import Delivery
-from hivebus.team.runner import Team
+
+if TYPE_CHECKING:
+    from hivebus.team.runner import Team
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``Team`` on first use: the team pulls in HTTP and terminal libraries
+    that a process running only the bus does not need."""
+    if name == "Team":
+        from hivebus.team.runner import Team
+
+        return Team
+    msg = f"module 'hivebus' has no attribute {name!r}"
+    raise AttributeError(msg)
+
 
 __all__ = [
     "BreakerConfig",

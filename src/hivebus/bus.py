@@ -16,11 +16,13 @@ from hivebus.breaker import BreakerConfig, CircuitBreaker, State
 from hivebus.broadcast import BroadcastListener, Tap
 from hivebus.config import Settings, redact_url
 from hivebus.connection import (
+    TRANSIENT_ERRORS,
     Redis,
     check_server,
     connect,
     process_id,
     retry_transient,
+    translate,
 )
 from hivebus.consumer import DurableConsumer
 from hivebus.dlq import BROADCAST_SUBSCRIPTION_PREFIX, DeadLetterQueue, Failure
@@ -537,7 +539,10 @@ class Bus:
     async def get_event(self, event_id: str) -> Event[Any]:
         """Return a stored event by id, with its data as plain JSON values."""
         await self.connect()
-        body = await self.client.get(self.keys.event(event_id))
+        try:
+            body = await self.client.get(self.keys.event(event_id))
+        except TRANSIENT_ERRORS as exc:
+            raise translate(exc, f"fetching event {event_id!r}") from exc
         if body is None:
             msg = (
                 f"no stored event {event_id!r}: it never existed, its TTL of "
