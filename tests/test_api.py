@@ -11,6 +11,7 @@ from hivebus import errors
 
 def test_all_is_sorted_and_complete() -> None:
     exported = set(hivebus.__all__)
+    assert hivebus.Team.__name__ == "Team"  # imported on first use
     public = {
         name
         for name, value in vars(hivebus).items()

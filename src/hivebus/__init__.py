@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 __version__ = "0.1.0"  # set before the imports below, which read it
 
@@ -32,11 +32,11 @@ from hivebus.publisher import PublishResult
 from hivebus.retry import RetryPolicy
 from hivebus.subscription import Delivery
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from hivebus.team.runner import Team
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     """Import ``Team`` on first use: the team pulls in HTTP and terminal libraries
     that a process running only the bus does not need."""
     if name == "Team":
