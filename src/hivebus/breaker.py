@@ -203,13 +203,21 @@ class CircuitBreaker:
         )
         return permit, _state(reply[3])
 
-    async def record(self, permit: Permit, *, success: bool) -> State:
-        """Record a call's outcome and return the breaker's state after it."""
+    async def record(
+        self, permit: Permit, *, success: bool, trip: bool = False
+    ) -> State:
+        """Record a call's outcome and return the breaker's state after it.
+
+        With ``trip``, this failure alone opens a closed breaker, whatever
+        the threshold. Use it for a fault that no retry fixes and that every
+        caller would hit, such as a spent quota.
+        """
+        threshold = 1 if trip else self.config.failure_threshold
         reply = await self._scripts.breaker_record(
             keys=[self._hash, self._probe],
             args=[
                 "success" if success else "failure",
-                self.config.failure_threshold,
+                threshold,
                 int(self.config.window * 1000),
                 permit.token,
                 self.config.min_calls,

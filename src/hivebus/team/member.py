@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from hivebus.bus import Bus
-from hivebus.errors import BrainError, BreakerOpenError, ContextError, RetryLater
+from hivebus.errors import BrainError, BrainServerError, BreakerOpenError, ContextError
 from hivebus.events import Event
 from hivebus.subscription import Delivery
 from hivebus.team.brain import (
@@ -193,7 +193,8 @@ class Member:
         """Ask the brain for ``schema`` with the role's current prompt; count the cost.
 
         Raises ``TaskStopped`` when the task ended or its budget is spent,
-        and ``BrainError`` when the brain returned no valid reply.
+        and ``BrainError`` when the brain returned no valid reply or its
+        circuit breaker rejected the call.
         """
         await self._check_running(task, cause)
         prompt = await self.crew.prompts.current(self.role)
@@ -210,12 +211,14 @@ class Member:
         try:
             thought = await self.crew.brain.think(ask)
         except BreakerOpenError as exc:
-            # Retry the whole entry after the cool-down, instead of spending
-            # the handler's attempts while the model server recovers.
-            raise RetryLater(str(exc), delay=exc.retry_after) from exc
+            # Fail this piece of work like a call whose requests all failed.
+            # Waiting out cool-downs would hold the task for minutes and then
+            # dead-letter it with a reason that names neither server nor role.
+            error = self._breaker_error(exc)
+            await self._count_failure(task, ask, error, started, cause)
+            raise error from exc
         except BrainError as exc:
-            call = _call(ask, exc.usage or Usage(), 1, exc.rejections, (), started)
-            await self._count(task, call, exc.usage or Usage(), 1, cause, str(exc))
+            await self._count_failure(task, ask, exc, started, cause)
             raise
         call = _call(
             ask,
@@ -227,6 +230,29 @@ class Member:
         )
         await self._count(task, call, thought.usage, thought.calls, cause)
         return thought
+
+    def _breaker_error(self, exc: BreakerOpenError) -> BrainServerError:
+        msg = (
+            f"role {self.role} did not call brain {self.crew.brain.name}: {exc}. "
+            "The breaker opens after repeated failures of the model server or "
+            "a spent quota; check the server and the account, then submit the "
+            "task again"
+        )
+        return BrainServerError(msg)
+
+    async def _count_failure(
+        self,
+        task: TaskRecord,
+        ask: Ask[Any],
+        exc: BrainError,
+        started: float,
+        cause: Event[Any],
+    ) -> None:
+        """Record a failed call: the tokens it spent and the replies it rejected."""
+        usage = exc.usage or Usage()
+        replies = len(exc.rejections)  # every reply received was rejected
+        call = _call(ask, usage, replies, exc.rejections, (), started)
+        await self._count(task, call, usage, replies, cause, str(exc))
 
     async def _check_running(self, task: TaskRecord, cause: Event[Any]) -> None:
         current = await self.store.find(task.id)

@@ -25,8 +25,9 @@ Server trouble is handled apart from bad replies:
 - 5xx, timeouts and connection errors: ``server_retries`` requests with
   exponential backoff, then ``BrainServerError``.
 - Every request goes through the optional circuit breaker. 5xx, timeouts,
-  quota and authentication errors count as its failures; once it opens,
-  calls fail at once with ``BreakerOpenError``.
+  quota and authentication errors count as its failures. A spent quota
+  opens it at once, because every later request would fail the same way.
+  While it is open, calls fail at once with ``BreakerOpenError``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -65,6 +65,15 @@ from hivebus.team.chat_api import (
     retry_after,
     server_error,
 )
+from hivebus.team.chat_faults import (
+    ContextTooLongError,
+    PermanentError,
+    UnavailableError,
+    classify,
+    rejected_message,
+    rejects_response_format,
+    send_through,
+)
 from hivebus.team.replies import Completion, ReplyRejectedError, parse_reply
 from hivebus.team.window import fit_prompt
 
@@ -90,26 +99,6 @@ class _ServerQuirks:
 # One entry per base URL for the life of the process, shared by every brain
 # instance, so that each process learns a server's limits once.
 _QUIRKS: dict[str, _ServerQuirks] = {}
-
-
-class _UnavailableError(Exception):
-    """5xx, timeout or connection failure: worth a retry after a backoff."""
-
-
-class _PermanentError(Exception):
-    """Quota spent or credentials rejected: a breaker failure, never retried."""
-
-    def __init__(self, error: ServerError) -> None:
-        super().__init__(error.describe())
-        self.error = error
-
-
-class _ContextTooLongError(Exception):
-    """The server reported that the request exceeds the model's context window."""
-
-    def __init__(self, error: ServerError) -> None:
-        super().__init__(error.describe())
-        self.error = error
 
 
 class OpenAIBrain:
@@ -205,7 +194,7 @@ class OpenAIBrain:
                 messages = self._messages(ask, share, retry, notes)
                 try:
                     completion = await self._complete(ask, messages, notes)
-                except _ContextTooLongError as exc:
+                except ContextTooLongError as exc:
                     share = self._shrink(share, exc.error, notes)
                     continue
                 usage = usage + completion.usage
@@ -344,12 +333,14 @@ class OpenAIBrain:
             await self._wait_for_pause()
             try:
                 response = await self._send(ask, body)
-            except _UnavailableError as exc:
+            except UnavailableError as exc:
                 failures += 1
                 await self._after_failure(ask, exc, failures, backoff)
                 continue
-            except _PermanentError as exc:
-                raise BrainServerError(self._rejected_message(exc.error)) from None
+            except PermanentError as exc:
+                raise BrainServerError(
+                    rejected_message(self.base_url, self.model, exc.error)
+                ) from None
             if response.status_code == 200:
                 return read_completion(response, messages)
             error = server_error(response)
@@ -363,8 +354,8 @@ class OpenAIBrain:
                 self._pause(ask, response, error, rate_limits)
                 continue
             if error.is_context_length:
-                raise _ContextTooLongError(error)
-            raise BrainServerError(self._rejected_message(error))
+                raise ContextTooLongError(error)
+            raise BrainServerError(rejected_message(self.base_url, self.model, error))
 
     async def _send(self, ask: Ask[Any], body: dict[str, Any]) -> httpx.Response:
         headers = {"X-Hivebus-Role": ask.role, "X-Hivebus-Task": ask.task_id}
@@ -375,16 +366,16 @@ class OpenAIBrain:
                 response = await self._http.post(url, json=body, headers=headers)
             except httpx.TimeoutException as exc:
                 msg = f"no reply within {self._timeout:.1f}s ({type(exc).__name__})"
-                raise _UnavailableError(msg) from exc
+                raise UnavailableError(msg) from exc
             except httpx.RequestError as exc:
                 msg = f"request failed: {type(exc).__name__}: {exc}"
-                raise _UnavailableError(msg) from exc
-            return _classify(response, body)
+                raise UnavailableError(msg) from exc
+            return classify(response, body)
 
-        return await _through(self.breaker, post)
+        return await send_through(self.breaker, post)
 
     async def _after_failure(
-        self, ask: Ask[Any], exc: _UnavailableError, failures: int, backoff: Backoff
+        self, ask: Ask[Any], exc: UnavailableError, failures: int, backoff: Backoff
     ) -> None:
         if failures >= self.server_retries:
             msg = (
@@ -409,7 +400,7 @@ class OpenAIBrain:
 
     def _adapt(self, error: ServerError, body: dict[str, Any]) -> str | None:
         """Change what is sent to a server that rejected a field; return a note."""
-        if "response_format" in body and _rejects_response_format(error):
+        if "response_format" in body and rejects_response_format(error):
             if self._quirks.response_format:
                 self._quirks.response_format = False
                 logger.warning(
@@ -466,64 +457,7 @@ class OpenAIBrain:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def _rejected_message(self, error: ServerError) -> str:
-        return (
-            f"model server {self.base_url} rejected the request: {error.describe()}; "
-            f"{self._hint(error)}"
-        )
-
-    def _hint(self, error: ServerError) -> str:
-        if error.is_quota:
-            return (
-                "the account's quota or credit is used up: add credit, or point "
-                "HIVEBUS_BRAIN_URL and HIVEBUS_BRAIN_API_KEY at another account"
-            )
-        if error.status in (401, 403):
-            return "check HIVEBUS_BRAIN_API_KEY"
-        if error.status == 404:
-            return (
-                "check HIVEBUS_BRAIN_URL (the API base, often ending in /v1) and "
-                f"HIVEBUS_BRAIN_MODEL ({self.model!r})"
-            )
-        if error.is_context_length:
-            return "set HIVEBUS_BRAIN_CONTEXT_WINDOW to the model's real window"
-        return (
-            f"check HIVEBUS_BRAIN_MODEL ({self.model!r}), or set "
-            "HIVEBUS_BRAIN_RESPONSE_FORMAT=false if the server rejects "
-            "structured output"
-        )
-
-
-async def _through(
-    breaker: CircuitBreaker | None, call: Callable[[], Awaitable[httpx.Response]]
-) -> httpx.Response:
-    if breaker is None:
-        return await call()
-    return await breaker.call(call)
-
-
-def _classify(response: httpx.Response, body: dict[str, Any]) -> httpx.Response:
-    """Raise for responses that count as a server failure; return the others."""
-    status = response.status_code
-    if status >= 500:
-        error = server_error(response)
-        if "response_format" in body and _rejects_response_format(error):
-            return response  # a permanent mismatch, handled by dropping the field
-        raise _UnavailableError(error.describe())
-    if status in (401, 402, 403):
-        raise _PermanentError(server_error(response))
-    if status == 429 and server_error(response).is_quota:
-        raise _PermanentError(server_error(response))
-    return response
-
 
 def _sent_tokens(text: str) -> int:
     """Estimate the tokens of ``text`` as it travels inside the JSON request body."""
     return estimate_tokens(json.dumps(text))
-
-
-def _rejects_response_format(error: ServerError) -> bool:
-    """Tell whether an error response reports structured output as unsupported."""
-    if error.status not in (400, 422, 500, 501):
-        return False
-    return error.names("response_format") or error.names("json_schema")
