@@ -226,3 +226,9 @@ def test_purge_invalid_duration_fails(cli_prefix: str) -> None:
     code, _, err = invoke(cli_prefix, "dlq", "purge", "--older-than", "soon")
     assert code == 2
     assert "invalid duration 'soon'" in err
+
+
+def test_purge_empty_duration_deletes_nothing() -> None:
+    result = CliRunner().invoke(app, ["dlq", "purge", "--older-than", ""])
+    assert result.exit_code == 2
+    assert "invalid duration ''" in result.stderr

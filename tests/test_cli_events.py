@@ -152,3 +152,43 @@ def test_tail_prints_events_as_they_arrive(cli_prefix: str) -> None:
     received = [json.loads(line)["id"] for line in stdout.splitlines()]
     assert tail.returncode == 0
     assert received == sent
+
+
+@pytest.mark.parametrize("data", ['{"a": NaN}', '{"a": 1e999}', '{"a": -Infinity}'])
+def test_publish_rejects_non_json_numbers(cli_prefix: str, data: str) -> None:
+    code, out, err = invoke(
+        "publish",
+        "orders",
+        "t",
+        "-d",
+        data,
+        "--redis",
+        REDIS_URL,
+        "--prefix",
+        cli_prefix,
+    )
+    assert code == 1
+    assert out == ""
+    assert "JSON cannot carry" in err
+
+
+def test_password_never_printed_for_bad_scheme() -> None:
+    code, _, err = invoke("publish", "orders", "t", "--redis", "http://:s3cret@h:1/0")
+    assert code == 2
+    assert "s3cret" not in err
+    assert "unsupported scheme" in err
+    assert "HIVEBUS_REDIS_URL" in err
+
+
+def test_invalid_setting_names_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVEBUS_EVENT_TTL", "abc")
+    code, _, err = invoke("publish", "orders", "t")
+    assert code == 2
+    assert "invalid `event_ttl` (HIVEBUS_EVENT_TTL)" in err
+
+
+def test_tail_invalid_pattern_is_one_line() -> None:
+    code, _, err = invoke("tail", "bad chan!")
+    assert code == 1
+    assert "invalid channel pattern 'bad chan!'" in err
+    assert "Traceback" not in err

@@ -342,6 +342,14 @@ BAD_ENTRIES = {
     "malformed_json": ({b"e": b"{not json"}, "undecodable entry: not a valid"),
     "schema_violation": (schema_violation(), "undecodable entry: payload of event"),
     "missing_event_field": ({b"x": b"1"}, "entry has no event field 'e'"),
+    "attempt_not_integer": (
+        {**schema_violation(), b"a": b"notanint"},
+        "entry has invalid attempt fields",
+    ),
+    "negative_attempt": (
+        {**schema_violation(), b"a": b"-5", b"ff": b"zz"},
+        "entry has invalid attempt fields",
+    ),
 }
 
 
@@ -372,3 +380,23 @@ async def test_bad_entry_dead_lettered(
     assert entry.reason.startswith(reason)
     assert entry.subscription == "svc"
     assert pending["pending"] == 0
+
+
+async def test_bad_entry_logged_warning(
+    make_bus: Any, plain_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = make_bus()
+
+    @bus.subscribe("orders", durable=True)
+    async def handle(event: Event[OrderPlaced]) -> None:
+        pass
+
+    caplog.set_level(logging.WARNING, logger="hivebus.handling")
+    async with bus:
+        added = await plain_client.xadd(bus.keys.stream("orders"), {b"e": b"{oops"})
+        await eventually(lambda: bus.dlq.count("orders"), what="a dead letter")
+
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    entry_id = added.decode() if isinstance(added, bytes) else added
+    assert any(f"entry_id={entry_id}" in line for line in lines)
+    assert any("undecodable entry" in line for line in lines)

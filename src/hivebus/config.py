@@ -18,7 +18,10 @@ class Settings(BaseSettings):
     Arguments win over environment variables, which win over the defaults.
     """
 
-    model_config = SettingsConfigDict(env_prefix="HIVEBUS_", extra="forbid")
+    # hide_input_in_errors: a rejected redis_url may carry a password.
+    model_config = SettingsConfigDict(
+        env_prefix="HIVEBUS_", extra="forbid", hide_input_in_errors=True
+    )
 
     redis_url: str = Field(
         default="memory://",
@@ -86,8 +89,8 @@ class Settings(BaseSettings):
     def _check_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://", "memory://")):
             msg = (
-                f"redis_url {value!r} has an unsupported scheme; use redis://, "
-                "rediss:// (TLS), unix:// or memory:// (in-process)"
+                f"redis_url {_redact(value)!r} has an unsupported scheme; use "
+                "redis://, rediss:// (TLS), unix:// or memory:// (in-process)"
             )
             raise ValueError(msg)
         return value
@@ -106,6 +109,8 @@ class Settings(BaseSettings):
 def _redact(url: str) -> str:
     """Hide the password of a Redis URL, so that logs and reprs never show it."""
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     if "@" not in rest:
         return url
     credentials, _, host = rest.rpartition("@")

@@ -36,6 +36,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Errors that mean the credentials are wrong: redis-py derives them from
+# ConnectionError, but retrying cannot fix them.
+CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.AuthenticationError,
+    redis_errors.AuthorizationError,
+)
+
 _memory_servers: dict[str, Any] = {}
 
 # A caller that waits for Redis tries again at least once a second, so it
@@ -173,12 +180,20 @@ async def retry_transient(
     while True:
         try:
             return await operation()
+        except CREDENTIAL_ERRORS as exc:
+            # A wrong password or a missing permission does not heal by waiting.
+            msg = (
+                f"{what} failed: Redis rejected the credentials ({exc}); check the "
+                "user and password in `redis_url` (HIVEBUS_REDIS_URL)"
+            )
+            raise ConfigError(msg) from exc
         except TRANSIENT_ERRORS as exc:
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 msg = (
                     f"{what} failed: Redis stayed unreachable for {deadline:.1f}s "
-                    f"({exc}); check that the server is up, or raise `publish_timeout`"
+                    f"({exc}); check that the server is up, or raise `publish_timeout` "
+                    "(HIVEBUS_PUBLISH_TIMEOUT)"
                 )
                 raise RedisUnavailableError(msg) from exc
             delay = min(backoff.next_delay(), remaining)

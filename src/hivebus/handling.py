@@ -108,14 +108,16 @@ class EntryHandler:
     async def handle(self, entry: Entry) -> None:
         """Run the handler on ``entry`` unless it must be skipped or dead-lettered."""
         body = entry.fields.get(b"e")
-        if body is None:
-            failure = Failure(reason="entry has no event field 'e'", attempts=1)
-            await _finish(
-                self.dead_letter(entry, _describe(entry.fields), None, failure)
+        history = _attempt_fields(entry)
+        if body is None or history is None:
+            reason = (
+                "entry has no event field 'e'"
+                if body is None
+                else "entry has invalid attempt fields 'a' or 'ff' (not integers)"
             )
+            await self._reject(entry, _describe(entry.fields), Failure(reason, None, 1))
             return
-        base_attempt = int(entry.fields.get(b"a", b"1"))
-        first_ms = int(entry.fields.get(b"ff", b"0"))
+        base_attempt, first_ms = history
         attempt = base_attempt + entry.delivery_count - 1
         try:
             event = codec.decode(
@@ -123,7 +125,7 @@ class EntryHandler:
             )
         except InvalidEventError as exc:
             failure = Failure(f"undecodable entry: {exc}", exc, attempt, first_ms)
-            await _finish(self.dead_letter(entry, body, None, failure))
+            await self._reject(entry, body, failure)
             return
 
         if self.sub.types is not None and event.type not in self.sub.types:
@@ -135,6 +137,17 @@ class EntryHandler:
             await _finish(self.dead_letter(entry, body, event, failure))
             return
         await self._run_guarded(entry, body, event, attempt, first_ms)
+
+    async def _reject(self, entry: Entry, body: bytes | str, failure: Failure) -> None:
+        """Dead-letter an entry that cannot be handled at all, and say so in the log."""
+        logger.warning(
+            "entry cannot be handled, dead-lettering it subscription=%s entry_id=%s "
+            "reason=%s",
+            self.sub.name,
+            entry.id,
+            failure.reason,
+        )
+        await _finish(self.dead_letter(entry, body, None, failure))
 
     async def _run_guarded(
         self, entry: Entry, body: bytes, event: Event[Any], attempt: int, first_ms: int
@@ -369,6 +382,18 @@ async def _finish(step: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         await task
         raise
+
+
+def _attempt_fields(entry: Entry) -> tuple[int, int] | None:
+    """Return the entry's attempt number and first failure time, or None if invalid."""
+    try:
+        attempt = int(entry.fields.get(b"a", b"1"))
+        first_ms = int(entry.fields.get(b"ff", b"0"))
+    except ValueError:
+        return None
+    if attempt < 1 or first_ms < 0:
+        return None
+    return attempt, first_ms
 
 
 def _undelivered_reason(entry: Entry, attempt: int, sub: Subscription) -> str:

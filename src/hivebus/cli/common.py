@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -39,7 +40,8 @@ app = typer.Typer(
 )
 
 console = Console()
-errors = Console(stderr=True)
+# soft_wrap: messages keep their lines when piped, so they can be searched.
+errors = Console(stderr=True, soft_wrap=True)
 
 RedisOption = Annotated[
     str,
@@ -85,9 +87,16 @@ def main_options(
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(
         level=level,
-        format="%(name)s %(message)s",
-        handlers=[RichHandler(console=errors, show_path=False)],
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        handlers=[_log_handler()],
     )
+
+
+def _log_handler() -> logging.Handler:
+    """Return a rich handler for a terminal, and plain lines for files and pipes."""
+    if errors.is_terminal:
+        return RichHandler(console=errors, show_path=False)
+    return logging.StreamHandler(sys.stderr)
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -105,10 +114,21 @@ def make_bus(redis: str, prefix: str, **overrides: Any) -> Bus:
     """Build a bus from the common options."""
     try:
         settings = Settings(redis_url=redis, prefix=prefix, **overrides)
-    except ValueError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False)
+    except ValidationError as exc:
+        for line in describe_invalid_settings(exc):
+            errors.print(f"error: {line}", markup=False, highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
     return Bus(settings=settings)
+
+
+def describe_invalid_settings(exc: ValidationError) -> list[str]:
+    """Return one line per invalid setting, naming its environment variable."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"invalid `{name}` (HIVEBUS_{name.upper()}): {message}")
+    return lines
 
 
 def print_event(event: Event[Any], as_json: bool) -> None:

@@ -201,7 +201,7 @@ def dlq_purge(
     prefix: PrefixOption = "hivebus",
 ) -> None:
     """Delete dead letters: all of them, or those older than a duration."""
-    seconds = parse_duration(older_than) if older_than else None
+    seconds = parse_duration(older_than) if older_than is not None else None
     removed = _with_bus(
         redis,
         prefix,

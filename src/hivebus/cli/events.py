@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import signal
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +22,7 @@ from hivebus.cli.common import (
     print_event,
     run,
 )
+from hivebus.errors import HivebusError
 from hivebus.events import Event
 
 events_app = typer.Typer(help="Read stored events.", no_args_is_help=True)
@@ -44,12 +47,20 @@ def publish(
 ) -> None:
     """Publish one event and print its id."""
     try:
-        payload = json.loads(data)
+        payload = json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         errors.print(
             f"error: --data is not valid JSON ({exc.msg} at line {exc.lineno} column "
             f"{exc.colno}): {data!r}; quote it for the shell, as in "
             '--data \'{"key": "value"}\'',
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_ERROR) from None
+    except ValueError as exc:
+        errors.print(
+            f"error: --data has a number JSON cannot carry ({exc}): {data!r}; "
+            "use a finite number or a string",
             markup=False,
             highlight=False,
         )
@@ -105,7 +116,8 @@ def tail(
         str, typer.Argument(help="Channel or pattern, such as 'orders.*'.")
     ],
     count: Annotated[
-        int | None, typer.Option("--count", "-n", help="Exit after N events.")
+        int | None,
+        typer.Option("--count", "-n", min=1, help="Exit after N events."),
     ] = None,
     durable: Annotated[
         bool,
@@ -132,28 +144,57 @@ def tail(
         if count is not None and seen >= count:
             done.set()
 
-    bus.subscribe(
-        channel,
-        durable=durable,
-        raw=True,
-        concurrency=1,
-        group=f"tail-{bus.process_id}" if durable else None,
-        from_start=False,
-    )(show)
+    group = f"tail-{bus.process_id}"
+    try:
+        bus.subscribe(
+            channel,
+            durable=durable,
+            raw=True,
+            concurrency=1,
+            group=group if durable else None,
+            from_start=False,
+        )(show)
+    except HivebusError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
 
     async def go() -> None:
-        async with bus:
-            errors.print(f"listening on {channel!r}; Ctrl-C to stop", highlight=False)
-            await done.wait()
-        if durable:
-            await _drop_group(bus, channel, f"tail-{bus.process_id}")
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
+        try:
+            async with bus:
+                errors.print(
+                    f"listening on {channel!r}; Ctrl-C to stop", highlight=False
+                )
+                await done.wait()
+        finally:
+            if durable:
+                await _drop_group(bus, channel, group)
 
     run(go)
 
 
 async def _drop_group(bus: Bus, channel: str, group: str) -> None:
+    """Delete the temporary consumer group of a durable tail, and its retry keys."""
     await bus.connect()
     try:
         await bus.client.xgroup_destroy(bus.keys.stream(channel), group)
+        await bus.client.delete(
+            bus.keys.redo(channel, group), bus.keys.retry(channel, group)
+        )
     finally:
         await bus.stop()
+
+
+def _reject_constant(name: str) -> None:
+    """Reject NaN and Infinity, which are not JSON and would be stored as null."""
+    msg = f"{name} is not a JSON number"
+    raise ValueError(msg)
+
+
+def _finite(text: str) -> float:
+    """Parse a JSON number, rejecting ones too large for a float, such as 1e999."""
+    value = float(text)
+    if not math.isfinite(value):
+        msg = f"{text} is too large"
+        raise ValueError(msg)
+    return value
