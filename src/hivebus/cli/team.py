@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from hivebus.bus import Bus
 from hivebus.cli import team_tasks  # noqa: F401 - importing registers `hivebus tasks`
 from hivebus.cli.common import (
     EXIT_OK,
@@ -34,6 +35,7 @@ from hivebus.cli.team_view import (
     print_summary,
     summary,
 )
+from hivebus.error_handler import ErrorHandler
 from hivebus.team.client import TaskClient
 from hivebus.team.config import TeamSettings
 from hivebus.team.models import ProgressUpdate
@@ -49,6 +51,7 @@ class RoleChoice(StrEnum):
     developer = "developer"
     ux = "ux"
     tester = "tester"
+    errors = "errors"  # the error handler service, not an agent
 
 
 TaskArgument = Annotated[
@@ -168,7 +171,10 @@ def worker(
         RoleChoice,
         typer.Option(
             "--role",
-            help="Role this process runs: master, pm, developer, ux or tester.",
+            help=(
+                "Role this process runs: master, pm, developer, ux or tester, "
+                "or errors (the error handler that records dead letters)."
+            ),
         ),
     ],
     concurrency: Annotated[
@@ -192,6 +198,9 @@ def worker(
             highlight=False,
             soft_wrap=True,
         )
+    if role is RoleChoice.errors:
+        _run_error_handler(make_bus(redis, prefix, service="errors"), concurrency)
+        return
     bus = make_bus(redis, prefix, service=f"team.{role.value}")
     team = Team(
         bus,
@@ -207,6 +216,22 @@ def worker(
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
         try:
             await team.run_forever()
+        except asyncio.CancelledError:
+            return
+
+    run(go)
+
+
+def _run_error_handler(bus: Bus, concurrency: int) -> None:
+    """Run the error handler service on ``bus`` until SIGINT or SIGTERM."""
+    ErrorHandler(bus, concurrency=concurrency)
+
+    async def go() -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
+        try:
+            await bus.run_forever()
         except asyncio.CancelledError:
             return
 
