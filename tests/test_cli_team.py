@@ -48,7 +48,7 @@ def test_run_completes_and_reports(tmp_path: Path) -> None:
 
     assert code == 0, err
     assert "completed" in out
-    assert "S1 passed after 2 round(s)" in out
+    assert "S1 passed after 2 rounds" in out
     assert "test rounds: 5 (1 failed)" in out
     assert "prompt change: developer v2" in out
     assert "time taken:" in out
@@ -104,7 +104,7 @@ def test_run_round_limit_exits_one(tmp_path: Path) -> None:
 
     assert code == 1
     assert "failed: story S1" in out.replace("\n", " ")
-    assert "all 1 of 1 rounds" in out.replace("\n", " ")
+    assert "its only round" in out.replace("\n", " ")
 
 
 def test_tasks_commands_without_team(cli_prefix: str) -> None:

@@ -41,11 +41,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from hivebus import codec
+from hivebus.config import redact_url
 from hivebus.connection import TRANSIENT_ERRORS, Backoff, Redis
 from hivebus.errors import (
     ConfigError,
     DeadLetter,
     InvalidEventError,
+    RedisUnavailableError,
     RemoteError,
     RequestTimeoutError,
     SchemaError,
@@ -177,6 +179,8 @@ class Requester:
 
         Raises:
             RequestTimeoutError: no reply came before the deadline.
+            RedisUnavailableError: the deadline passed before the request
+                reached Redis.
             RemoteError: the responder raised; the error names its type.
         """
         if timeout <= 0:
@@ -201,6 +205,7 @@ class Requester:
         future: asyncio.Future[Event[Any]] = loop.create_future()
         correlation_id = event.id  # unique already, so no second id is made
         self._pending[correlation_id] = future
+        published = False
         try:
             async with asyncio.timeout(timeout):
                 await self._bus.connect()
@@ -209,10 +214,13 @@ class Requester:
                 update = {"correlationid": correlation_id, "deadline": deadline}
                 event = event.model_copy(update=update)
                 await self._bus.publish(channel, event, durable=True)
+                published = True
                 self.sent += 1
                 return await future
         except TimeoutError:
             self.timeouts += 1
+            if not published:
+                raise self._unsent_error(service, event, timeout) from None
             msg = (
                 f"request {event.type!r} to service {service!r} timed out: no reply "
                 f"within its {timeout:g}s deadline (request id {event.id}); check "
@@ -221,6 +229,19 @@ class Requester:
             raise RequestTimeoutError(msg) from None
         finally:
             del self._pending[correlation_id]
+
+    def _unsent_error(
+        self, service: str, event: Event[Any], timeout: float
+    ) -> RedisUnavailableError:
+        """Describe a request whose deadline passed before it reached Redis."""
+        url = redact_url(self._bus.settings.redis_url)
+        msg = (
+            f"request {event.type!r} to service {service!r} was never sent: Redis "
+            f"at {url} stayed unreachable for its whole {timeout:g}s deadline "
+            f"(request id {event.id}); check that the server is up and the URL "
+            "is right"
+        )
+        return RedisUnavailableError(msg)
 
     def _unpack(
         self,

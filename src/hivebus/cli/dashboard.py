@@ -8,12 +8,15 @@ from typing import Annotated
 
 import typer
 
+from hivebus.bus import Bus
 from hivebus.cli.common import (
+    EXIT_ERROR,
     EXIT_USAGE,
     PrefixOption,
     RedisOption,
     app,
     errors,
+    run,
 )
 from hivebus.config import Settings
 from hivebus.web.auth import LOOPBACK_HOSTS
@@ -49,9 +52,8 @@ def dashboard(
     prefix: PrefixOption = "hivebus",
 ) -> None:
     """Serve the dashboard and HTTP API (docs at /docs, metrics at /metrics)."""
-    import uvicorn
-
     from hivebus.web import create_app
+    from hivebus.web.server import serve
 
     loopback = _is_loopback(host)
     if not loopback and not token:
@@ -66,10 +68,27 @@ def dashboard(
     except ValueError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
+    run(lambda: _check_redis(settings))
     hosts = LOOPBACK_HOSTS if loopback else None
     web_app = create_app(settings, token or "", allowed_hosts=hosts)
-    errors.print(f"dashboard on http://{_url_host(host)}:{port}/", highlight=False)
-    uvicorn.run(web_app, host=host, port=port, log_level="warning", access_log=False)
+    url = f"http://{_url_host(host)}:{port}/"
+    if not serve(
+        web_app,
+        host,
+        port,
+        lambda: errors.print(f"dashboard on {url}", highlight=False),
+    ):
+        # uvicorn has logged why: the port is taken, or startup failed.
+        raise typer.Exit(EXIT_ERROR)
+
+
+async def _check_redis(settings: Settings) -> None:
+    """Connect once, so an unreachable Redis ends the command with one line."""
+    bus = Bus(settings=settings)
+    try:
+        await bus.connect()
+    finally:
+        await bus.stop()
 
 
 def _is_loopback(host: str) -> bool:

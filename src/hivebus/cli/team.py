@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ import typer
 from hivebus.bus import Bus
 from hivebus.cli import team_tasks  # noqa: F401 - importing registers `hivebus tasks`
 from hivebus.cli.common import (
+    EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
     PrefixOption,
@@ -130,6 +132,7 @@ def run_task(
 ) -> None:
     """Run the whole team on a task in this process, with live progress."""
     settings = _settings(max_test_rounds, token_budget)
+    _check_report_dir(report_dir)
     bus = make_bus(redis, prefix, service="team")
 
     async def go() -> int:
@@ -142,7 +145,7 @@ def run_task(
             )
             final = await _run_view(team.client, task_id, as_json)
             report = await build_report(team.client, task_id)
-        paths = write_report(report, report_dir)
+        paths = _save_report(report, report_dir)
         if as_json:
             print(json.dumps(summary(report, paths)), flush=True)
         else:
@@ -150,6 +153,39 @@ def run_task(
         return exit_code(final)
 
     raise typer.Exit(run(go))
+
+
+def _check_report_dir(directory: Path) -> None:
+    """Exit before the task runs if the report could not be written to ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        errors.print(
+            f"error: --report-dir {str(directory)!r} is not a writable directory "
+            f"({exc.strerror or exc}); give a directory you can write to",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _save_report(report: dict[str, Any], directory: Path) -> tuple[Path, Path]:
+    """Write the report to ``directory``, or to a new temporary one if that fails."""
+    try:
+        return write_report(report, directory)
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="hivebus-report-"))
+        errors.print(
+            f"warning: cannot write the report to {str(directory)!r} "
+            f"({exc.strerror or exc}); writing it to {str(fallback)!r} instead",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return write_report(report, fallback)
 
 
 async def _run_view(
@@ -259,6 +295,16 @@ def submit(
     prefix: PrefixOption = "hivebus",
 ) -> None:
     """Submit a task to a running team and follow its progress."""
+    if redis.startswith("memory://"):
+        errors.print(
+            "error: memory:// lives inside this process, so no worker can see a "
+            "task submitted there; give the Redis that the running workers use "
+            "with --redis or HIVEBUS_REDIS_URL, or run the whole team here with "
+            "`hivebus run`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_ERROR)
     settings = _settings(max_test_rounds, token_budget)
     client = TaskClient(make_bus(redis, prefix, service="team.client"))
 

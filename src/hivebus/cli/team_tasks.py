@@ -8,24 +8,29 @@ or is cancelled.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from hivebus.cli.common import (
+    EXIT_USAGE,
     JsonOption,
     PrefixOption,
     RedisOption,
     app,
     console,
+    errors,
     make_bus,
     run,
 )
 from hivebus.cli.team_view import exit_code, follow_task
 from hivebus.team.client import TaskClient
+from hivebus.team.progress import status_text
 from hivebus.team.report import build_report
 from hivebus.team.tree import tree_lines
+from hivebus.team.wording import plural
 
 tasks_app = typer.Typer(
     help="List, show, follow, approve, reject and cancel team tasks.",
@@ -33,6 +38,7 @@ tasks_app = typer.Typer(
 )
 app.add_typer(tasks_app, name="tasks")
 
+PROGRESS_ID = re.compile(r"\d+(-\d+)?")  # a Redis stream id, as XREAD accepts
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="Task id.")]
 
 
@@ -52,6 +58,16 @@ def tasks_follow(
     prefix: PrefixOption = "hivebus",
 ) -> None:
     """Print a task's progress (after --from) until it ends."""
+    if not PROGRESS_ID.fullmatch(after):
+        errors.print(
+            f"error: --from {after!r} is not a progress id; give an id that a "
+            "progress line starts with, MILLISECONDS-SEQUENCE such as "
+            "1733312000000-0 (0-0, the default, prints every update)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
     client = _with_client(redis, prefix)
 
     async def go() -> int:
@@ -86,7 +102,11 @@ def tasks_list(
         for record in records:
             print(json.dumps(record.to_dict()), flush=True)
         return
-    table = Table("id", "status", "project", "task")
+    # The id column never wraps or truncates, because commands take ids as input.
+    id_width = max((len(record.id) for record in records), default=2)
+    table = Table(
+        Column("id", no_wrap=True, min_width=id_width), "status", "project", "task"
+    )
     for record in records:
         table.add_row(record.id, record.status, record.project, record.text[:60])
     console.print(table)
@@ -113,17 +133,15 @@ def tasks_show(
         print(json.dumps(report, indent=2))
         return
     task = report["task"]
-    reason = f" ({task['reason']})" if task["reason"] else ""
-    console.print(
-        f"task {task['id']}: {task['status']}{reason}", highlight=False, soft_wrap=True
-    )
+    state = status_text(task["status"], task["reason"])
+    console.print(f"task {task['id']}: {state}", highlight=False, soft_wrap=True)
     console.print(
         f"text: {task['text']}", markup=False, highlight=False, soft_wrap=True
     )
     for story in report["stories"]:
         console.print(
-            f"  {story['key']} {story['status']} round {story['rounds']} of "
-            f"{story['max_rounds']}: {story['title']}",
+            f"  {story['key']} {story['status']} {_rounds_text(story)}: "
+            f"{story['title']}",
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -196,3 +214,11 @@ def tasks_cancel(
 ) -> None:
     """End a task as cancelled; workers skip its remaining work."""
     _steer(redis, prefix, "cancel", task_id)
+
+
+def _rounds_text(story: dict[str, Any]) -> str:
+    """Return "round 1 of 2", or "(up to 2 rounds)" before the first round."""
+    limit = story["max_rounds"]
+    if story["rounds"]:
+        return f"round {story['rounds']} of {limit}"
+    return f"(up to {plural(limit, 'round')})"

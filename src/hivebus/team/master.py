@@ -207,9 +207,14 @@ class Master(Planner):
             await self._next_round(task, story, round, report.findings, event, delivery)
             return
         first = report.findings[0].criterion if report.findings else "no findings given"
+        rounds = (
+            "its only round"
+            if task.max_test_rounds == 1
+            else f"all {round} of {task.max_test_rounds} rounds"
+        )
         reason = (
-            f"story {key} ({story.title}) failed its tests in all {round} of "
-            f"{task.max_test_rounds} rounds; last finding: {first}"
+            f"story {key} ({story.title}) failed its tests in {rounds}; "
+            f"last finding: {first}"
         )
         await self.store.set_story(task.id, key, status="failed", reason=reason)
         await self._story_progress(task, story, round, "failed", reason, event)

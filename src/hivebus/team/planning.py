@@ -39,6 +39,7 @@ from hivebus.team.models import (
 )
 from hivebus.team.progress import Board
 from hivebus.team.state import TaskRecord, now_ms
+from hivebus.team.wording import plural
 from hivebus.team.work import Finding, Implementation, Plan, Role, Story
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class Planner(Member):
             await self.report(task.id, "failed", cause, round=version, detail=str(exc))
             await self.end_task(task.id, "failed", f"planning failed: {exc}", cause.id)
             return
-        detail = f"plan version {version}: {len(plan.steps)} steps"
+        detail = f"plan version {version}: {plural(len(plan.steps), 'step')}"
         await self.report(task.id, "done", cause, round=version, detail=detail)
         created = PlanCreated(
             task_id=task.id,

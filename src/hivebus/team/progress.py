@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_SHARE = 10  # percent of a task that planning (master and pm) accounts for
 FOLLOW_BLOCK_MS = 1000  # maximum wait of one blocking read while following a task
+RUNNING_MAX = 99  # highest percent before a task has ended
 STATE_RANK = {"pending": 0, "started": 1, "progress": 1, "done": 2, "failed": 2}
 
 Board = dict[str, dict[str, Any]]
@@ -52,11 +53,14 @@ class ProgressLog:
     async def update(
         self, update: ProgressUpdate, board: Board | None = None
     ) -> ProgressUpdate | None:
-        """Apply ``board`` changes and append ``update``; None once the task ended.
+        """Apply ``board`` changes and append ``update``; None if nothing was written.
 
         A unit's change is applied only if it is not older than the board's
         state (a lower round, or an earlier state of the same round), so a
-        late status from a superseded round cannot undo a newer one.
+        late status from a superseded round cannot undo a newer one. A role
+        update whose own unit change is older is dropped, so the stream never
+        shows a role going back (``started`` after ``done``). Returns None
+        once the task ended or when the update was dropped.
         """
         task_id = update.task_id
         end_key, board_key = self._key(task_id, "end"), self._key(task_id, "board")
@@ -69,6 +73,9 @@ class ProgressLog:
                         return None
                     current = _load_board(await pipe.hgetall(board_key))
                     changes = _newer(current, board or {})
+                    if _stale(update, board or {}, changes):
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return None
                     status = await pipe.hget(self.keys.task(task_id), "status")
                     entry = update.model_copy(
                         update={
@@ -204,7 +211,9 @@ def percent(board: Board, previous: Board | None = None) -> int:
 
     Planning counts for ``PLAN_SHARE`` percent and the stories' units of
     work for the rest. The value never falls below the one stored before,
-    so a story sent back for another round keeps the bar where it was.
+    so a story sent back for another round keeps the bar where it was, and
+    it stays at most ``RUNNING_MAX`` because only the final update of a
+    completed task reports 100.
     """
     plan_units = [v for k, v in board.items() if k.startswith("plan/")]
     story_units = [
@@ -216,7 +225,7 @@ def percent(board: Board, previous: Board | None = None) -> int:
         done = sum(1 for unit in story_units if unit.get("state") == "done")
         value += (100 - PLAN_SHARE) * done / len(story_units)
     before = (previous or board).get("percent", {}).get("value", 0)
-    return max(int(value), int(before))
+    return min(max(int(value), int(before)), RUNNING_MAX)
 
 
 def _final(
@@ -228,11 +237,20 @@ def _final(
         status=status,
         percent=100 if status == "completed" else percent(board),
         reason=reason,
-        message=f"task {status}" + (f": {reason}" if reason else ""),
+        message=f"task {status_text(status, reason)}",
         final=True,
         cause=cause,
         time_ms=now_ms(),
     )
+
+
+def status_text(status: str, reason: str | None) -> str:
+    """Return ``status`` with its reason: "failed: S1 ...", "cancelled by user"."""
+    if not reason:
+        return status
+    if reason.startswith(f"{status} "):
+        return reason
+    return f"{status}: {reason}"
 
 
 def _newer(current: Board, changes: Board) -> Board:
@@ -242,6 +260,14 @@ def _newer(current: Board, changes: Board) -> Board:
         if old is None or "/" not in name or _not_older(change, old):
             applied[name] = change
     return applied
+
+
+def _stale(update: ProgressUpdate, board: Board, applied: Board) -> bool:
+    """Tell whether ``update`` is a role status older than its unit's board state."""
+    if update.kind != "role" or update.role is None:
+        return False
+    unit = f"{update.story_key or 'plan'}/{update.role}"
+    return unit in board and unit not in applied
 
 
 def _not_older(change: dict[str, Any], old: dict[str, Any]) -> bool:

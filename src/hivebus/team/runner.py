@@ -188,7 +188,9 @@ class Team:
             subscribe(CONTROL_CHANNEL, **options)(master.on_control)
             subscribe(STORIES_CHANNEL, **options)(master.on_story)
             subscribe(RESULTS_CHANNEL, **options)(master.on_result)
-            subscribe(STATUS_CHANNEL, **options)(master.on_status)
+            # One status at a time keeps a role's updates in publish order;
+            # the board still rejects older states from other processes.
+            subscribe(STATUS_CHANNEL, **{**options, "concurrency": 1})(master.on_status)
             subscribe(ERRORS_CHANNEL, raw=True, types=[DEAD_LETTERED_TYPE], **options)(
                 master.on_dead_letter
             )
