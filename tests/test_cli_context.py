@@ -153,7 +153,9 @@ async def responder(prefix: str) -> Any:
 
     async with bus:
         yield bus
-        await delete_prefix(bus.client, prefix)
+    # Delete only after the stop: until then the consumer recreates its stream
+    # and group, and the stop writes the publish counters to the stats hash.
+    await _cleanup(REDIS_URL, prefix)
 
 
 async def test_request_prints_response(prefix: str, responder: Bus) -> None:
