@@ -104,7 +104,7 @@ def connect(
 
 
 def is_nogroup(exc: BaseException) -> bool:
-    """Tell whether ``exc`` says a stream or consumer group no longer exists.
+    """Tell whether ``exc`` means a stream or consumer group no longer exists.
 
     Redis replies NOGROUP to a read of a missing group, and UNBLOCKED to a
     blocked read whose stream was deleted meanwhile.

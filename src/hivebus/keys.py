@@ -149,7 +149,7 @@ class Keys:
         return f"{self.prefix}:channels"
 
     def breaker(self, name: str) -> str:
-        """Return the hash that holds a circuit breaker's shared state."""
+        """Return the hash that contains a circuit breaker's shared state."""
         return f"{self.prefix}:breaker:{{{name}}}"
 
     def breaker_probe(self, name: str) -> str:
@@ -216,5 +216,5 @@ class Keys:
 
     @property
     def stats(self) -> str:
-        """Hash of bus-wide counters, such as events nobody received."""
+        """Hash of bus-wide counters, such as events that reached no listener."""
         return f"{self.prefix}:stats"

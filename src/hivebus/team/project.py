@@ -4,7 +4,7 @@ The master initialises a project's context on its first task. The project
 manager, developer, UX designer and tester then each update their own
 section (planning, implementation, design, test_results). Every update goes through
 the context manager's compare-and-set with retries, so concurrent tasks of
-one project lose nothing. Each section holds one entry per task, keyed by
+one project lose nothing. Each section contains one entry per task, keyed by
 task id, and only the newest ``MAX_TASKS`` tasks are kept, so the context
 stays small however many tasks a project runs.
 
