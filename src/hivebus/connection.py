@@ -197,7 +197,10 @@ async def retry_transient(
                 )
                 raise RedisUnavailableError(msg) from exc
             delay = min(backoff.next_delay(), remaining)
-            logger.warning(
+            # The first retry is a warning; later ones are INFO, so that a short
+            # outage shows as one line and the final error says the rest.
+            logger.log(
+                logging.WARNING if backoff.attempt == 1 else logging.INFO,
                 "redis unreachable, retrying what=%s attempt=%d delay=%.2fs error=%s",
                 what,
                 backoff.attempt,
