@@ -589,7 +589,7 @@ class Bus:
         )
 
     def responder(self, type: str, **options: Any) -> Callable[[HandlerT], HandlerT]:
-        """Register an async function that answers requests of ``type``.
+        """Register an async function that responds to requests of ``type``.
 
         See ``Responders.register`` for the options.
         """

@@ -197,8 +197,8 @@ async def retry_transient(
                 )
                 raise RedisUnavailableError(msg) from exc
             delay = min(backoff.next_delay(), remaining)
-            # The first retry is a warning; later ones are INFO, so that a short
-            # outage shows as one line and the final error says the rest.
+            # The first retry is a warning and later ones are INFO, so a short
+            # outage shows as one line and the final error gives the rest.
             logger.log(
                 logging.WARNING if backoff.attempt == 1 else logging.INFO,
                 "redis unreachable, retrying what=%s attempt=%d delay=%.2fs error=%s",

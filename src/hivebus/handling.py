@@ -139,7 +139,7 @@ class EntryHandler:
         await self._run_guarded(entry, body, event, attempt, first_ms)
 
     async def _reject(self, entry: Entry, body: bytes | str, failure: Failure) -> None:
-        """Dead-letter an entry that cannot be handled at all, and say so in the log."""
+        """Dead-letter an entry that cannot be handled at all, and log the reason."""
         logger.warning(
             "entry cannot be handled, dead-lettering it subscription=%s entry_id=%s "
             "reason=%s",

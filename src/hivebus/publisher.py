@@ -33,7 +33,7 @@ UNOBSERVED_LOG_INTERVAL = 10.0  # seconds between "reached nobody" lines per cha
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """What one publish reached: Pub/Sub listeners and stream consumer groups."""
+    """The Pub/Sub listeners and stream consumer groups that one publish reached."""
 
     event_id: str
     channel: str
